@@ -1,0 +1,1 @@
+"""Multi-node launch flags and scheduler integration (Slurm, Kubernetes)."""

@@ -1,0 +1,1 @@
+"""The supervisor: starts, watches and restarts the launch process tree. Never imports paddle."""

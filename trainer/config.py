@@ -1,0 +1,298 @@
+"""The run config: a YAML file loaded into frozen, typed dataclasses.
+
+Paddle-free: the supervisor validates a config before any worker starts, and
+every worker loads the same resolved file (``RUN_DIR/config.yaml``).
+
+Errors are :class:`ConfigError` and name the file, the dotted key and the fix,
+because a bad config is never retried (exit code 2).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key or path and the fix."""
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    name: str = "job"
+    #: Where events, logs, checkpoints and the summary go; default ``runs/<name>``.
+    run_dir: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    #: Workers per node: an int, or ``auto`` (the visible GPUs, else 2 CPU workers).
+    nproc_per_node: Union[int, str] = "auto"
+    #: ``auto`` uses a GPU when Paddle is a CUDA build and one is visible.
+    device: str = "auto"
+    nnodes: int = 1
+    #: This node's rank among ``nnodes`` (multi-node only).
+    node_rank: int = 0
+    #: ``host:port`` of the rendezvous master; required when ``nnodes > 1``.
+    master: Optional[str] = None
+    #: The Python interpreter that runs the launch; default: the supervisor's own.
+    python: Optional[str] = None
+    #: Extra flags passed to ``paddle.distributed.launch`` before the script.
+    extra_args: typing.List[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SupervisorConfig:
+    max_restarts: int = 3
+    backoff_s: float = 1.0
+    backoff_max_s: float = 30.0
+    #: Give up when ``max_failures_in_window`` failures happen within this many seconds.
+    failure_window_s: float = 600.0
+    max_failures_in_window: int = 5
+    heartbeat_interval_s: float = 1.0
+    hang_timeout_s: float = 60.0
+    preempt_grace_s: float = 60.0
+    preempt_signals: typing.List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    #: A built-in name (``lenet``) or an import string ``pkg.module:factory``.
+    model: str = "lenet"
+    model_args: typing.Dict[str, Any] = field(default_factory=dict)
+    #: A built-in name (``mnist``) or an import string ``pkg.module:factory``.
+    dataset: str = "mnist"
+    dataset_args: typing.Dict[str, Any] = field(default_factory=dict)
+    #: A built-in name (``adam``, ``sgd``, ``momentum``, ``adamw``) or an import string.
+    optimizer: str = "adam"
+    optimizer_args: typing.Dict[str, Any] = field(default_factory=dict)
+    lr: float = 0.001
+    #: ``constant``, ``cosine``, ``step`` or an import string.
+    lr_schedule: str = "constant"
+    lr_schedule_args: typing.Dict[str, Any] = field(default_factory=dict)
+    #: A built-in name (``cross_entropy``) or an import string.
+    loss: str = "cross_entropy"
+    epochs: int = 1
+    #: Stop after this many global steps (``null``: run all epochs).
+    max_steps: Optional[int] = None
+    #: Samples per optimizer step over all workers; split evenly among them.
+    global_batch_size: int = 64
+    drop_last: bool = False
+    seed: int = 2024
+    num_workers: int = 0
+    log_every_steps: int = 10
+    eval_every_epochs: int = 1
+    #: Run the optimizer step with fleet sharding stage 1 (state split across ranks).
+    sharded_optimizer: bool = False
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    #: Default ``RUN_DIR/checkpoints``.
+    dir: Optional[str] = None
+    every_steps: Optional[int] = 200
+    every_seconds: Optional[float] = None
+    keep_last: int = 3
+    #: Also keep every snapshot whose step is a multiple of this.
+    keep_every_steps: Optional[int] = None
+    #: Persist in a background thread (the training thread only captures).
+    async_save: bool = True
+    #: A snapshot, checkpoints dir or run dir to start from instead of this run's own.
+    resume_from: Optional[str] = None
+    lock_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class Config:
+    job: JobConfig = field(default_factory=JobConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """sha256 of the keys that shape the trained model (not paths, schedules or budgets)."""
+        shaping = {k: v for k, v in self.to_dict()["train"].items()
+                   if k not in ("max_steps", "epochs", "log_every_steps", "num_workers")}
+        return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- loading
+
+def load_config(path: Union[str, Path], overrides: typing.Sequence[str] = ()) -> Config:
+    """Read ``path``, apply ``--set`` style ``overrides`` (``a.b=value``), validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    if raw is None:
+        raise ConfigError(f"{path}: the file is empty; start from configs/mnist_lenet.yaml")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections "
+                          f"({', '.join(f.name for f in fields(Config))}), got {type(raw).__name__}")
+    for item in overrides:
+        _apply_override(raw, item)
+    return config_from_dict(raw, source=str(path))
+
+
+def config_from_dict(raw: dict, source: str = "<config>") -> Config:
+    return _build(Config, raw, source, prefix="")
+
+
+def dump_config(config: Config, path: Union[str, Path]) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.max_steps=40")
+    parts = key.split(".")
+    cls: Any = Config
+    for depth, part in enumerate(parts):
+        known = {f.name: f for f in fields(cls)} if dataclasses.is_dataclass(cls) else None
+        if known is None:
+            break  # inside a free-form dict (e.g. train.model_args.width)
+        if part not in known:
+            part = _ALIASES.get((cls, part), part)
+            if part not in known:
+                raise ConfigError(_unknown_key_message("--set", ".".join(parts[:depth + 1]), known))
+        cls = typing.get_type_hints(cls)[part]
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part!r} is not a section")
+    # YAML parsing gives 40 -> int, 1e-3 -> float, null -> None, [a, b] -> list.
+    node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+
+
+def _build(cls, raw: Any, source: str, prefix: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'} must be a mapping, "
+                          f"got {type(raw).__name__} {raw!r}")
+    raw = {_ALIASES.get((cls, k), k): v for k, v in raw.items()}
+    known = {f.name: f for f in fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(_unknown_key_message(source, prefix + str(key), known))
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value if value is not None else {}, source, f"{prefix}{name}.")
+        else:
+            values[name] = _check_type(value, hint, source, prefix + name)
+    config = cls(**values)
+    _validate(config, source, prefix)
+    return config
+
+
+def _unknown_key_message(source: str, dotted: str, known: dict) -> str:
+    leaf = dotted.rsplit(".", 1)[-1]
+    parent = dotted[: -len(leaf)]
+    close = difflib.get_close_matches(leaf, list(known), n=1)
+    hint = f"did you mean {parent}{close[0]!r}?" if close else \
+        f"valid keys here: {', '.join(sorted(known))}"
+    return f"{source}: unknown key {dotted!r}; {hint}"
+
+
+# YAML keys that are Python keywords: ``checkpoint.async`` is the field ``async_save``.
+_ALIASES = {(CheckpointConfig, "async"): "async_save"}
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+               list: "a list", dict: "a mapping"}
+
+
+def _check_type(value: Any, hint: Any, source: str, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg, source, key)
+            except ConfigError as e:
+                errors.append(e)
+        expected = " or ".join(_describe(a) for a in args)
+        raise ConfigError(f"{source}: {key} must be {expected}, got {value!r}")
+    base = origin or hint
+    if base is Any:
+        return value
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if base in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{source}: {key} must be {_describe(hint)}, got {value!r}")
+    if base is list and isinstance(value, (list, tuple)):
+        return [_check_type(v, args[0], source, f"{key}[{i}]") for i, v in enumerate(value)] \
+            if args else list(value)
+    if not isinstance(value, base):
+        raise ConfigError(f"{source}: {key} must be {_describe(hint)}, got {value!r}")
+    return value
+
+
+def _describe(hint: Any) -> str:
+    if hint is type(None):
+        return "null"
+    return _TYPE_NAMES.get(typing.get_origin(hint) or hint, str(hint))
+
+
+def _validate(config: Any, source: str, prefix: str) -> None:
+    """Range checks that types cannot express."""
+    def need(ok: bool, key: str, what: str):
+        if not ok:
+            raise ConfigError(f"{source}: {prefix}{key} {what}, got {getattr(config, key)!r}")
+
+    if isinstance(config, LaunchConfig):
+        n = config.nproc_per_node
+        need(n == "auto" or (isinstance(n, int) and n >= 1), "nproc_per_node",
+             "must be a positive integer or 'auto'")
+        need(config.device in ("auto", "cpu", "gpu"), "device", "must be auto, cpu or gpu")
+        need(config.nnodes >= 1, "nnodes", "must be >= 1")
+        need(0 <= config.node_rank < config.nnodes, "node_rank", "must be in [0, nnodes)")
+        need(config.nnodes == 1 or bool(config.master), "master",
+             "must be set (host:port) when nnodes > 1")
+    elif isinstance(config, SupervisorConfig):
+        need(config.max_restarts >= 0, "max_restarts", "must be >= 0")
+        for key in ("backoff_s", "backoff_max_s", "failure_window_s"):
+            need(getattr(config, key) >= 0, key, "must be >= 0")
+        for key in ("heartbeat_interval_s", "hang_timeout_s", "preempt_grace_s"):
+            need(getattr(config, key) > 0, key, "must be > 0")
+        need(config.max_failures_in_window >= 1, "max_failures_in_window", "must be >= 1")
+        need(config.hang_timeout_s >= 2 * config.heartbeat_interval_s, "hang_timeout_s",
+             "must be at least twice heartbeat_interval_s")
+    elif isinstance(config, TrainConfig):
+        for key in ("epochs", "global_batch_size", "log_every_steps", "eval_every_epochs"):
+            need(getattr(config, key) >= 1, key, "must be >= 1")
+        need(config.max_steps is None or config.max_steps >= 1, "max_steps", "must be >= 1 or null")
+        need(config.num_workers >= 0, "num_workers", "must be >= 0")
+        need(config.lr > 0, "lr", "must be > 0")
+    elif isinstance(config, CheckpointConfig):
+        need(config.every_steps is None or config.every_steps >= 1, "every_steps",
+             "must be >= 1 or null")
+        need(config.every_seconds is None or config.every_seconds > 0, "every_seconds",
+             "must be > 0 or null")
+        need(config.keep_last >= 1, "keep_last", "must be >= 1 (the newest snapshot is always kept)")
+        need(config.keep_every_steps is None or config.keep_every_steps >= 1, "keep_every_steps",
+             "must be >= 1 or null")
+        need(config.lock_timeout_s > 0, "lock_timeout_s", "must be > 0")
