@@ -208,7 +208,7 @@ def _unknown_key_message(source: str, dotted: str, known: dict) -> str:
     leaf = dotted.rsplit(".", 1)[-1]
     parent = dotted[: -len(leaf)]
     close = difflib.get_close_matches(leaf, list(known), n=1)
-    hint = f"did you mean {parent}{close[0]!r}?" if close else \
+    hint = f"did you mean {parent + close[0]!r}?" if close else \
         f"valid keys here: {', '.join(sorted(known))}"
     return f"{source}: unknown key {dotted!r}; {hint}"
 
@@ -241,6 +241,11 @@ def _check_type(value: Any, hint: Any, source: str, key: str) -> Any:
         return value
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if base is float and isinstance(value, str):
+        try:  # PyYAML reads 1e-3 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if base in (int, float) and isinstance(value, bool):
         raise ConfigError(f"{source}: {key} must be {_describe(hint)}, got {value!r}")
     if base is list and isinstance(value, (list, tuple)):

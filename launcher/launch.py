@@ -1,0 +1,106 @@
+"""The ``python -m paddle.distributed.launch`` command line and environment of one attempt.
+
+Paddle's launcher lets environment variables override its flags (PADDLE_NOTES.md):
+an inherited ``PADDLE_TRAINER_ID`` or ``PADDLE_MASTER`` silently changes the job. So
+the environment handed to it is scrubbed of every ``PADDLE_*`` and ``POD_*``
+variable, then given paddlerun's own ``PADDLERUN_*`` ones (see ``trainer/env.py``).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence
+
+from paddlerun.trainer import env as worker_env
+from paddlerun.trainer.config import Config
+
+CPU_WORKERS_DEFAULT = 2
+_SCRUBBED_PREFIXES = ("PADDLE_", "POD_", "PADDLERUN_")
+_KEPT = ("PADDLERUN_LOG_LEVEL",)
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything that differs between attempts is an argument of :meth:`argv` / :meth:`env`."""
+    config: Config
+    run_dir: Path
+    #: A user's own script (script mode) instead of paddlerun's worker.
+    script: Optional[Path] = None
+    script_args: Sequence[str] = ()
+
+    @property
+    def nproc_per_node(self) -> int:
+        return resolve_nproc(self.config.launch.nproc_per_node, self.config.launch.device)
+
+    def log_dir(self, attempt: int) -> Path:
+        return self.run_dir / "logs" / f"attempt-{attempt}"
+
+    def argv(self, attempt: int) -> List[str]:
+        launch = self.config.launch
+        argv = [launch.python or sys.executable, "-m", "paddle.distributed.launch",
+                "--nproc_per_node", str(self.nproc_per_node),
+                "--log_dir", str(self.log_dir(attempt))]
+        if launch.nnodes > 1:
+            argv += ["--nnodes", str(launch.nnodes), "--master", launch.master,
+                     "--rank", str(launch.node_rank)]
+        argv += list(launch.extra_args)
+        if self.script is not None:
+            argv += [str(self.script), *self.script_args]
+        else:
+            argv += [str(worker_script()), "--config", str(self.run_dir / "config.yaml"),
+                     "--run-dir", str(self.run_dir)]
+        return argv
+
+    def env(self, attempt: int, restarts: int, base: Mapping[str, str] = os.environ,
+            tty: bool = False) -> Dict[str, str]:
+        env = scrub(base)
+        checkpoint_dir = self.config.checkpoint.dir or str(self.run_dir / "checkpoints")
+        env.update({
+            worker_env.RUN_DIR: str(self.run_dir),
+            worker_env.CHECKPOINT_DIR: str(checkpoint_dir),
+            worker_env.CONFIG: str(self.run_dir / "config.yaml"),
+            worker_env.ATTEMPT: str(attempt),
+            worker_env.RESTARTS: str(restarts),
+            worker_env.HEARTBEAT_INTERVAL: str(self.config.supervisor.heartbeat_interval_s),
+            worker_env.TTY: "1" if tty else "0",
+            "PYTHONUNBUFFERED": "1",
+        })
+        return env
+
+
+def scrub(base: Mapping[str, str]) -> Dict[str, str]:
+    """``base`` without the variables that would silently override the launch's flags."""
+    return {k: v for k, v in base.items()
+            if k in _KEPT or not k.startswith(_SCRUBBED_PREFIXES)}
+
+
+def worker_script() -> Path:
+    """``trainer/worker.py`` of the installed package, found without importing paddle."""
+    import paddlerun.trainer
+    return Path(paddlerun.trainer.__file__).resolve().parent / "worker.py"
+
+
+def resolve_nproc(nproc, device: str) -> int:
+    if nproc != "auto":
+        return int(nproc)
+    gpus = 0 if device == "cpu" else visible_gpus()
+    return gpus or CPU_WORKERS_DEFAULT
+
+
+def visible_gpus() -> int:
+    """GPUs this node may use, without importing paddle: CUDA_VISIBLE_DEVICES, else nvidia-smi."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return 0
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))

@@ -1,0 +1,51 @@
+"""What a worker learns from its environment: rank, world, attempt, run directory.
+
+``paddle.distributed.launch`` sets the PADDLE_* variables; the supervisor sets the
+PADDLERUN_* ones (documented in the README for script mode).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional
+
+RUN_DIR = "PADDLERUN_RUN_DIR"
+CHECKPOINT_DIR = "PADDLERUN_CHECKPOINT_DIR"
+CONFIG = "PADDLERUN_CONFIG"
+ATTEMPT = "PADDLERUN_ATTEMPT"
+RESTARTS = "PADDLERUN_RESTARTS"
+TTY = "PADDLERUN_TTY"
+HEARTBEAT_INTERVAL = "PADDLERUN_HEARTBEAT_INTERVAL_S"
+
+
+@dataclass(frozen=True)
+class WorkerEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    nnodes: int
+    attempt: int
+    restarts: int
+    run_dir: Optional[Path]
+    checkpoint_dir: Optional[Path]
+    config_path: Optional[Path]
+    tty: bool
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] = os.environ) -> "WorkerEnv":
+        def path(key):
+            return Path(environ[key]) if environ.get(key) else None
+
+        return cls(
+            rank=int(environ.get("PADDLE_TRAINER_ID", environ.get("PADDLE_GLOBAL_RANK", 0))),
+            world_size=int(environ.get("PADDLE_TRAINERS_NUM", environ.get("PADDLE_GLOBAL_SIZE", 1))),
+            local_rank=int(environ.get("PADDLE_LOCAL_RANK", 0)),
+            nnodes=int(environ.get("PADDLE_NNODES", 1)),
+            attempt=int(environ.get(ATTEMPT, 0)),
+            restarts=int(environ.get(RESTARTS, 0)),
+            run_dir=path(RUN_DIR),
+            checkpoint_dir=path(CHECKPOINT_DIR),
+            config_path=path(CONFIG),
+            tty=environ.get(TTY) == "1",
+        )

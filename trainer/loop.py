@@ -1,0 +1,248 @@
+"""The training loop that ``paddlerun run CONFIG`` runs in every worker.
+
+config -> model, data, optimizer -> ``paddle.DataParallel`` -> epochs of steps, with
+the resumable sampler, metrics, evaluation and (through :mod:`checkpointer`) snapshots.
+
+Ranks agree on everything that needs a collective: each step's data comes from the
+sampler's deterministic plan, and the logged metrics are all-reduced at the same
+global steps on every rank.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import paddle
+import paddle.distributed as dist
+
+from paddlerun.trainer import factories
+from paddlerun.trainer.config import Config
+from paddlerun.trainer.digest import params_digest
+from paddlerun.trainer.env import WorkerEnv
+from paddlerun.trainer.metrics import MetricsLog, write_json_atomic
+from paddlerun.trainer.progress import Progress, Throughput
+from paddlerun.trainer.sampler import ResumableBatchSampler, shard_indices
+from paddlerun.trainer.state import model_arrays
+
+log = logging.getLogger("paddlerun.worker")
+
+
+@dataclass
+class Position:
+    """Where training stands: ``step`` optimizer steps done; the next batch is
+    ``batch`` of ``epoch``. This is what a snapshot stores to resume exactly."""
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+
+
+def select_device(want: str, local_rank: int) -> str:
+    has_gpu = paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
+    if want == "gpu" and not has_gpu:
+        raise RuntimeError("launch.device is 'gpu' but this Paddle has no usable GPU "
+                           "(install paddlerun[gpu] and check CUDA_VISIBLE_DEVICES), or set launch.device: cpu")
+    device = f"gpu:{local_rank}" if has_gpu and want != "cpu" else "cpu"
+    paddle.set_device(device)
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    paddle.seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+class Trainer:
+    def __init__(self, config: Config, env: WorkerEnv, run_dir: Path, checkpointer=None,
+                 heartbeat=None):
+        self.config = config
+        self.train = config.train
+        self.env = env
+        self.run_dir = run_dir
+        self.is_rank0 = env.rank == 0
+        self.checkpointer = checkpointer
+        self.heartbeat = heartbeat
+        self.device = select_device(config.launch.device, env.local_rank)
+        seed_everything(self.train.seed)
+        if env.world_size > 1:
+            dist.init_parallel_env()
+
+        self.layer = factories.build_model(self.train)
+        self.model = paddle.DataParallel(self.layer) if env.world_size > 1 else self.layer
+        self.train_data = factories.build_dataset(self.train, "train")
+        self.eval_data = factories.build_dataset(self.train, "eval")
+        if self.is_rank0:
+            log.info("data: %s", getattr(self.train_data, "source", type(self.train_data).__name__))
+        self.sampler = ResumableBatchSampler(
+            len(self.train_data), self.train.global_batch_size, env.world_size, env.rank,
+            seed=self.train.seed, drop_last=self.train.drop_last)
+        self.loader = paddle.io.DataLoader(self.train_data, batch_sampler=self.sampler,
+                                           num_workers=self.train.num_workers, return_list=True)
+        steps_all_epochs = self.train.epochs * self.sampler.batches_per_epoch
+        self.total_steps = min(self.train.max_steps or steps_all_epochs, steps_all_epochs)
+        self.lr = factories.build_lr(self.train, self.total_steps)
+        self.optimizer = factories.build_optimizer(self.train, self.model.parameters(), self.lr)
+        self.loss_fn = factories.build_loss(self.train)
+        self.position = Position()
+        self.samples_per_step = self.train.global_batch_size
+        self.last_eval: Dict[str, float] = {}
+        self.last_train: Dict[str, float] = {}
+
+    # ------------------------------------------------------------ the loop
+
+    def fit(self) -> Dict:
+        started = time.time()
+        if self.checkpointer is not None:
+            restored = self.checkpointer.restore(self)
+            if restored is not None:
+                self.position = restored
+        start_step = self.position.step
+        metrics = MetricsLog(self.run_dir / "metrics.jsonl") if self.is_rank0 else None
+        progress = Progress(self.train.epochs, self.sampler.batches_per_epoch, self.total_steps,
+                            tty=self.env.tty)
+        meter = Throughput()
+        window = _Window()
+        self.model.train()
+        pos = self.position
+        while pos.step < self.total_steps:
+            self.sampler.set_epoch(pos.epoch, pos.batch)
+            if self.is_rank0 and pos.batch == 0:
+                progress.epoch_begin(pos.epoch)
+            for inputs, labels in self.loader:
+                loss, correct = self._step(inputs, labels)
+                pos.step += 1
+                pos.batch += 1
+                window.add(loss, correct, len(labels))
+                if self.heartbeat is not None:
+                    self.heartbeat.beat(pos.step)
+                if pos.step % self.train.log_every_steps == 0 or pos.step == self.total_steps:
+                    values = self._agree_on(window)
+                    rate, eta = meter.update((pos.step - start_step) * self.samples_per_step,
+                                             pos.step - start_step, self.total_steps - pos.step)
+                    if self.is_rank0:
+                        progress.step(pos.batch, pos.step, values, rate, eta)
+                        metrics.append({"step": pos.step, "epoch": pos.epoch, **values,
+                                        "lr": self.optimizer.get_lr(), "samples_per_s": rate,
+                                        "time": time.time(), "attempt": self.env.attempt})
+                    self.last_train = values
+                if pos.step >= self.total_steps:
+                    break
+                if self.checkpointer is not None:
+                    self.checkpointer.maybe_save(self, pos)
+            if pos.batch >= self.sampler.batches_per_epoch:
+                self._end_epoch(pos, progress, metrics)
+        if pos.batch and not self.last_eval_is_current():
+            self._evaluate_and_log(progress, metrics)
+        if self.checkpointer is not None:
+            self.checkpointer.save_final(self, self.position)
+        return self._finish(started, start_step, metrics)
+
+    def _step(self, inputs, labels):
+        outputs = self.model(inputs)
+        loss = self.loss_fn(outputs, labels)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.clear_grad()
+        if isinstance(self.lr, paddle.optimizer.lr.LRScheduler):
+            self.lr.step()
+        correct = (outputs.argmax(axis=-1) == labels.reshape([-1])).astype("int64").sum()
+        return loss, correct
+
+    def _agree_on(self, window: "_Window") -> Dict[str, float]:
+        """All-reduce the window's sums so every rank logs the global batch's figures."""
+        sums = paddle.to_tensor(window.take(), dtype="float64")
+        if self.env.world_size > 1:
+            dist.all_reduce(sums)
+        loss_sum, correct, count, batches = sums.numpy().tolist()
+        return {"loss": loss_sum / max(batches, 1), "acc": correct / max(count, 1)}
+
+    def _end_epoch(self, pos: Position, progress: Progress, metrics) -> None:
+        finished = pos.epoch
+        pos.epoch += 1
+        pos.batch = 0
+        if (finished + 1) % self.train.eval_every_epochs == 0:
+            self._evaluate_and_log(progress, metrics, epoch=finished)
+        if self.checkpointer is not None and pos.step < self.total_steps:
+            self.checkpointer.maybe_save(self, pos)
+
+    def last_eval_is_current(self) -> bool:
+        return self.last_eval.get("step") == self.position.step
+
+    def _evaluate_and_log(self, progress: Progress, metrics, epoch: Optional[int] = None) -> None:
+        if self.eval_data is None:
+            return
+        result = self.evaluate()
+        self.last_eval = {"step": self.position.step, **result}
+        if self.is_rank0:
+            progress.message(f"Eval after global step {self.position.step}: "
+                             f"loss: {result['eval_loss']:.4f} - acc: {result['eval_acc']:.4f} "
+                             f"({result['eval_samples']} samples)")
+            metrics.append({"step": self.position.step,
+                            "epoch": self.position.epoch if epoch is None else epoch,
+                            **result, "time": time.time(), "attempt": self.env.attempt})
+
+    @paddle.no_grad()
+    def evaluate(self) -> Dict[str, float]:
+        """Every rank evaluates a disjoint share; the sums are all-reduced, so all agree."""
+        layer = self.layer
+        layer.eval()
+        subset = paddle.io.Subset(self.eval_data,
+                                  shard_indices(len(self.eval_data), self.env.world_size, self.env.rank))
+        loader = paddle.io.DataLoader(subset, batch_size=max(self.train.global_batch_size // self.env.world_size, 1),
+                                      shuffle=False, drop_last=False, return_list=True)
+        loss_sum, correct, count = 0.0, 0, 0
+        for inputs, labels in loader:
+            outputs = layer(inputs)
+            loss_sum += float(self.loss_fn(outputs, labels)) * len(labels)
+            correct += int((outputs.argmax(axis=-1) == labels.reshape([-1])).astype("int64").sum())
+            count += len(labels)
+        sums = paddle.to_tensor([loss_sum, correct, count], dtype="float64")
+        if self.env.world_size > 1:
+            dist.all_reduce(sums)
+        loss_sum, correct, count = sums.numpy().tolist()
+        self.model.train()
+        return {"eval_loss": loss_sum / max(count, 1), "eval_acc": correct / max(count, 1),
+                "eval_samples": int(count)}
+
+    def _finish(self, started: float, start_step: int, metrics) -> Dict:
+        wall = time.time() - started
+        summary = {
+            "status": "succeeded",
+            "global_steps": self.position.step,
+            "epochs": self.position.epoch + (self.position.batch > 0),
+            "world_size": self.env.world_size,
+            "train": self.last_train,
+            "eval": {k: v for k, v in self.last_eval.items() if k != "step"},
+            "wall_time_s": wall,
+            "samples_per_s": (self.position.step - start_step) * self.samples_per_step / max(wall, 1e-9),
+            "device": self.device,
+            "digest": params_digest(model_arrays(self.layer)),
+        }
+        if self.is_rank0:
+            metrics.close()
+            write_json_atomic(self.run_dir / "summary.json", summary)
+        return summary
+
+
+class _Window:
+    """Sums of loss, correct and count since the last log step (tensors: no sync per step)."""
+
+    def __init__(self):
+        self._losses, self._correct, self._count = [], [], 0
+
+    def add(self, loss, correct, count: int) -> None:
+        self._losses.append(loss.detach())
+        self._correct.append(correct)
+        self._count += count
+
+    def take(self):
+        values = [float(paddle.add_n(self._losses)) if self._losses else 0.0,
+                  float(paddle.add_n(self._correct)) if self._correct else 0.0,
+                  float(self._count), float(len(self._losses))]
+        self.__init__()
+        return values

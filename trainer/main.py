@@ -1,0 +1,42 @@
+"""A worker process: ``paddle.distributed.launch ... trainer/worker.py --config RUN_DIR/config.yaml``."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from paddlerun.trainer.config import load_config
+from paddlerun.trainer.env import WorkerEnv
+from paddlerun.trainer.errors import write_error
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(level=os.environ.get("PADDLERUN_LOG_LEVEL", "INFO"), stream=sys.stdout,
+                        format=f"%(asctime)s rank {rank} %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", force=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", required=True, help="the resolved config (RUN_DIR/config.yaml)")
+    parser.add_argument("--run-dir", required=True)
+    args = parser.parse_args(argv)
+    env = WorkerEnv.from_environ()
+    run_dir = Path(args.run_dir)
+    setup_logging(env.rank)
+    log = logging.getLogger("paddlerun.worker")
+    try:
+        config = load_config(args.config)
+        from paddlerun.trainer.worker_setup import run_worker  # imports paddle
+        summary = run_worker(config, env, run_dir)
+        if env.rank == 0:
+            log.info("done: %d steps, digest %s", summary["global_steps"], summary["digest"])
+        return 0
+    except BaseException as e:  # noqa: B902 - the root cause must reach the supervisor
+        if isinstance(e, SystemExit) and not e.code:
+            raise
+        write_error(run_dir, env.attempt, env.rank, e)
+        log.exception("rank %d failed: %s: %s", env.rank, type(e).__name__, e)
+        return 1

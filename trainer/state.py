@@ -1,0 +1,99 @@
+"""Capture and restore the training state: the only checkpoint code that touches paddle.
+
+Capture copies every tensor to host memory (``Tensor.numpy()`` copies), so the
+training thread can go on while a background thread persists the copy. Non-tensor
+state (LR scheduler, RNG states) becomes JSON: nothing here is ever pickled.
+"""
+from __future__ import annotations
+
+import random
+from typing import Any, Dict, Tuple
+
+import numpy as np
+import paddle
+from paddle.framework import core
+
+# Optimizer state-dict entries that are plain data, not tensors.
+_JSON_KEYS = ("LR_Scheduler",)
+_SEP = "/"  # flattens nested optimizer entries such as master_weights/<param>
+
+
+class StateMismatch(ValueError):
+    """A snapshot that does not fit the model being trained (names the first mismatch)."""
+
+
+def unwrap(layer: paddle.nn.Layer) -> paddle.nn.Layer:
+    """The user's layer inside ``paddle.DataParallel`` / fleet wrappers."""
+    while hasattr(layer, "_layers"):
+        layer = layer._layers
+    return layer
+
+
+def model_arrays(layer: paddle.nn.Layer) -> Dict[str, np.ndarray]:
+    return {name: t.numpy() for name, t in unwrap(layer).state_dict().items()}
+
+
+def optimizer_arrays(optimizer) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
+    """(tensors, json-able rest) of ``optimizer.state_dict()``."""
+    arrays: Dict[str, np.ndarray] = {}
+    extra: Dict[str, Any] = {}
+    for key, value in optimizer.state_dict().items():
+        if key in _JSON_KEYS:
+            extra[key] = value
+        elif isinstance(value, dict):
+            for sub, t in value.items():
+                arrays[f"{key}{_SEP}{sub}"] = t.numpy()
+        else:
+            arrays[key] = value.numpy()
+    return arrays, extra
+
+
+def rng_state() -> Dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "paddle": [list(s.__getstate__()) for s in paddle.get_rng_state()],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+
+
+def restore_rng(state: Dict[str, Any]) -> None:
+    generators = []
+    for entry in state["paddle"]:
+        # GeneratorState has no constructor; this is what pickle itself does (NEWOBJ + BUILD).
+        g = core.GeneratorState.__new__(core.GeneratorState)
+        g.__setstate__(tuple(entry))
+        generators.append(g)
+    paddle.set_rng_state(generators)
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def restore_model(layer: paddle.nn.Layer, arrays: Dict[str, np.ndarray], source: str) -> None:
+    """Load ``arrays`` into ``layer``, refusing any difference in names or shapes."""
+    own = unwrap(layer).state_dict()
+    for name, tensor in own.items():
+        if name not in arrays:
+            raise StateMismatch(f"{source}: has no parameter {name!r} that the model has; "
+                                f"was it made by a different model?")
+        if tuple(arrays[name].shape) != tuple(tensor.shape):
+            raise StateMismatch(f"{source}: parameter {name!r} has shape {list(arrays[name].shape)} "
+                                f"in the snapshot but {list(tensor.shape)} in the model; the model's "
+                                f"shape changed since the snapshot was taken")
+    extra = sorted(set(arrays) - set(own))
+    if extra:
+        raise StateMismatch(f"{source}: parameter {extra[0]!r} is not in the model")
+    unwrap(layer).set_state_dict({name: paddle.to_tensor(a) for name, a in arrays.items()})
+
+
+def restore_optimizer(optimizer, arrays: Dict[str, np.ndarray], extra: Dict[str, Any]) -> None:
+    state: Dict[str, Any] = dict(extra)
+    for key, a in arrays.items():
+        head, sep, sub = key.partition(_SEP)
+        if sep:
+            state.setdefault(head, {})[sub] = paddle.to_tensor(a)
+        else:
+            state[key] = paddle.to_tensor(a)
+    optimizer.set_state_dict(state)
