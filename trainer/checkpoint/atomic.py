@@ -1,0 +1,137 @@
+"""Durable writes: the layer that makes a snapshot survive a crash or a power cut.
+
+A snapshot is committed the way orbax's atomicity layer and databases do it:
+
+1. write every file into a private staging directory and fsync each one;
+2. write ``manifest.json`` (size and sha256 of every file) last, fsync it;
+3. fsync the staging directory, so its entries are on disk;
+4. ``rename(2)`` it to ``step-XXXXXXXX`` -- atomic within one filesystem, so a reader
+   sees the whole snapshot or nothing;
+5. fsync the parent directory, so the rename itself survives a power cut.
+
+The manifest is the second line of defence: a ``step-*`` directory without a valid one
+does not exist for any reader (a filesystem that reorders metadata, a hand-made copy).
+
+This module holds the primitives; :mod:`.staging` and :mod:`.store` put them in order.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Tuple, Union
+
+#: Read and write in pieces of this size: large enough for full disk speed, small
+#: enough that hashing never holds a big second copy of a file in memory.
+CHUNK = 8 << 20
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One file of a snapshot as the manifest records it: name inside the snapshot, size, sha256."""
+
+    name: str
+    size: int
+    sha256: str
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "size": self.size, "sha256": self.sha256}
+
+    @classmethod
+    def from_json(cls, obj: object) -> "FileRecord":
+        """Parse a manifest entry; raises ``ValueError`` describing what is wrong."""
+        if not isinstance(obj, dict):
+            raise ValueError(f"file entry {obj!r} is not an object")
+        name, size, digest = obj.get("name"), obj.get("size"), obj.get("sha256")
+        if not isinstance(name, str):
+            raise ValueError(f"file entry {obj!r} has no string 'name'")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ValueError(f"file entry {name!r} has an invalid size {size!r}")
+        if not isinstance(digest, str) or not _SHA256.match(digest):
+            raise ValueError(f"file entry {name!r} has an invalid sha256 {digest!r}")
+        return cls(name, size, digest)
+
+
+def fsync_dir(path: Union[str, os.PathLike]) -> None:
+    """fsync a directory, making the creations, renames and deletions in it durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_bytes(path: Path, data: Union[bytes, bytearray, memoryview]) -> FileRecord:
+    """Create or truncate ``path``, write ``data`` hashing it on the way, fsync. No directory fsync."""
+    h = hashlib.sha256()
+    view = memoryview(data).cast("B")
+    with open(path, "wb") as f:  # buffered: its write() retries short writes
+        for start in range(0, len(view), CHUNK):
+            piece = view[start:start + CHUNK]
+            f.write(piece)
+            h.update(piece)
+        f.flush()
+        os.fsync(f.fileno())
+    return FileRecord(path.name, len(view), h.hexdigest())
+
+
+def sha256_file(path: Path) -> Tuple[int, str]:
+    """(size, sha256) of a regular file; never follows a symlink (raises ``OSError`` ELOOP)."""
+    h = hashlib.sha256()
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    size = 0
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with open(fd, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+            size += n
+    return size, h.hexdigest()
+
+
+def fsync_and_hash(path: Path) -> FileRecord:
+    """fsync a file another writer (the safetensors library) just wrote, and hash it.
+
+    The fsync runs in a thread while this thread hashes the file back from the page
+    cache: both release the GIL, so the pair costs about as long as the slower of the
+    two (see tensors_io.write_tensors for the numbers).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    errors = []
+
+    def sync() -> None:
+        try:
+            os.fsync(fd)
+        except OSError as exc:  # surfaced below, never swallowed
+            errors.append(exc)
+
+    syncer = threading.Thread(target=sync, name="paddlerun-fsync")
+    syncer.start()
+    try:
+        size, digest = sha256_file(path)
+    finally:
+        syncer.join()
+        os.close(fd)
+    if errors:
+        raise errors[0]
+    return FileRecord(path.name, size, digest)
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Atomically replace a small file: write a sibling temp file, fsync, rename, fsync the dir."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        write_bytes(tmp, data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fsync_dir(path.parent)

@@ -1,0 +1,34 @@
+"""The checkpoint store's errors: one base type that carries the path (as filelock's
+``Timeout`` does), and a few specific ones a caller may want to tell apart."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+
+class CheckpointError(Exception):
+    """A checkpoint directory, snapshot or file that cannot be used.
+
+    The message names the path and, where there is one, the fix; ``path`` holds it.
+    """
+
+    def __init__(self, message: str, path: Optional[Union[str, os.PathLike]] = None) -> None:
+        super().__init__(message)
+        self.path = Path(path) if path is not None else None
+
+
+class StepAlreadyExistsError(CheckpointError):
+    """A complete snapshot of this step is already committed; snapshots are never overwritten."""
+
+
+class LockTimeoutError(CheckpointError):
+    """A checkpoint lock (``.lock`` or a reader mark) could not be taken in time."""
+
+
+class WriterBusyError(CheckpointError):
+    """Another live process owns the checkpoint directory (see ``CheckpointStore.claim_writer``)."""
+
+    def __init__(self, message: str, path: Path, owner: dict) -> None:
+        super().__init__(message, path)
+        self.owner = owner
