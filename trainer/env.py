@@ -31,6 +31,7 @@ class WorkerEnv:
     checkpoint_dir: Optional[Path]
     config_path: Optional[Path]
     tty: bool
+    heartbeat_interval_s: float = 1.0
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] = os.environ) -> "WorkerEnv":
@@ -48,4 +49,5 @@ class WorkerEnv:
             checkpoint_dir=path(CHECKPOINT_DIR),
             config_path=path(CONFIG),
             tty=environ.get(TTY) == "1",
+            heartbeat_interval_s=float(environ.get(HEARTBEAT_INTERVAL, 1.0)),
         )

@@ -19,6 +19,16 @@ NOT_RETRIABLE = ("ConfigError", "FactoryError", "StateMismatch", "FileNotFoundEr
                  "ModuleNotFoundError", "ImportError")
 
 
+# What gloo raises in a survivor when a peer died or stopped answering (PADDLE_NOTES.md).
+_PEER_FAILURE_TEXT = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+                      "TIMEOUT", "Timed out", "timed out", "Connection refused")
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """A collective that failed because of another rank: a consequence, not a root cause."""
+    return isinstance(exc, (RuntimeError, OSError)) and any(t in str(exc) for t in _PEER_FAILURE_TEXT)
+
+
 def error_dir(run_dir: Path, attempt: int) -> Path:
     return run_dir / "errors" / f"attempt-{attempt}"
 
@@ -30,6 +40,7 @@ def write_error(run_dir: Path, attempt: int, rank: int, exc: BaseException) -> P
         "rank": rank, "pid": os.getpid(), "host": socket.gethostname(), "time": time.time(),
         "type": type(exc).__name__, "message": str(exc),
         "retriable": type(exc).__name__ not in NOT_RETRIABLE,
+        "peer_failure": is_peer_failure(exc),
         "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
     }
     tmp = path.with_suffix(".tmp")

@@ -27,7 +27,10 @@ from paddlerun.trainer.env import WorkerEnv
 from paddlerun.trainer.metrics import MetricsLog, write_json_atomic
 from paddlerun.trainer.progress import Progress, Throughput
 from paddlerun.trainer.sampler import ResumableBatchSampler, shard_indices
-from paddlerun.trainer.state import model_arrays
+from paddlerun.trainer.errors import is_peer_failure
+from paddlerun.trainer.heartbeat import lowest_live_rank
+from paddlerun.trainer.signals import ignoring_sigterm
+from paddlerun.trainer.state import model_arrays, rng_state
 
 log = logging.getLogger("paddlerun.worker")
 
@@ -59,7 +62,7 @@ def seed_everything(seed: int) -> None:
 
 class Trainer:
     def __init__(self, config: Config, env: WorkerEnv, run_dir: Path, checkpointer=None,
-                 heartbeat=None):
+                 heartbeat=None, stop_requested=None):
         self.config = config
         self.train = config.train
         self.env = env
@@ -92,55 +95,67 @@ class Trainer:
         self.samples_per_step = self.train.global_batch_size
         self.last_eval: Dict[str, float] = {}
         self.last_train: Dict[str, float] = {}
+        self.stop_requested = stop_requested or (lambda: False)
+        self._emergency_enabled = checkpointer is not None and env.world_size > 1
+        self._rng_before_step = None
 
     # ------------------------------------------------------------ the loop
 
     def fit(self) -> Dict:
+        """Train to ``total_steps`` (or until a stop is agreed); returns the summary."""
         started = time.time()
         if self.checkpointer is not None:
-            restored = self.checkpointer.restore(self)
+            restored = self.checkpointer.restore(self, self.config.checkpoint.resume_from)
             if restored is not None:
                 self.position = restored
-        start_step = self.position.step
-        metrics = MetricsLog(self.run_dir / "metrics.jsonl") if self.is_rank0 else None
-        progress = Progress(self.train.epochs, self.sampler.batches_per_epoch, self.total_steps,
-                            tty=self.env.tty)
-        meter = Throughput()
-        window = _Window()
-        self.model.train()
+        self.start_step = self.position.step
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl") if self.is_rank0 else None
+        self.progress = Progress(self.train.epochs, self.sampler.batches_per_epoch,
+                                 self.total_steps, tty=self.env.tty)
+        self._meter = Throughput()
+        self._window = _Window()
+        try:
+            status = self._train_epochs()
+        except Exception as e:
+            self._maybe_emergency_save(e)
+            raise
+        if status == "finished":
+            if self.position.batch and not self.last_eval_is_current():
+                self._evaluate_and_log()
+            self._save("final", wait=True)
+        if self.checkpointer is not None:
+            self.checkpointer.close()
+        return self._finish(started, status)
+
+    def _train_epochs(self) -> str:
         pos = self.position
+        self.model.train()
         while pos.step < self.total_steps:
             self.sampler.set_epoch(pos.epoch, pos.batch)
             if self.is_rank0 and pos.batch == 0:
-                progress.epoch_begin(pos.epoch)
+                self.progress.epoch_begin(pos.epoch)
             for inputs, labels in self.loader:
+                self._rng_before_step = rng_state() if self._emergency_enabled else None
                 loss, correct = self._step(inputs, labels)
                 pos.step += 1
                 pos.batch += 1
-                window.add(loss, correct, len(labels))
+                self._rng_before_step = None
+                self._window.add(loss, correct, len(labels))
                 if self.heartbeat is not None:
                     self.heartbeat.beat(pos.step)
+                stop, save_now = False, False
                 if pos.step % self.train.log_every_steps == 0 or pos.step == self.total_steps:
-                    values = self._agree_on(window)
-                    rate, eta = meter.update((pos.step - start_step) * self.samples_per_step,
-                                             pos.step - start_step, self.total_steps - pos.step)
-                    if self.is_rank0:
-                        progress.step(pos.batch, pos.step, values, rate, eta)
-                        metrics.append({"step": pos.step, "epoch": pos.epoch, **values,
-                                        "lr": self.optimizer.get_lr(), "samples_per_s": rate,
-                                        "time": time.time(), "attempt": self.env.attempt})
-                    self.last_train = values
+                    stop, save_now = self._log_and_agree()
+                if stop:
+                    self._save("preempted", wait=True)
+                    return "preempted"
                 if pos.step >= self.total_steps:
                     break
-                if self.checkpointer is not None:
-                    self.checkpointer.maybe_save(self, pos)
+                if pos.batch < self.sampler.batches_per_epoch and (save_now or self._due(pos.step)):
+                    self._save("scheduled")
             if pos.batch >= self.sampler.batches_per_epoch:
-                self._end_epoch(pos, progress, metrics)
-        if pos.batch and not self.last_eval_is_current():
-            self._evaluate_and_log(progress, metrics)
-        if self.checkpointer is not None:
-            self.checkpointer.save_final(self, self.position)
-        return self._finish(started, start_step, metrics)
+                self._end_epoch(pos)
+        return "finished"
 
     def _step(self, inputs, labels):
         outputs = self.model(inputs)
@@ -153,44 +168,92 @@ class Trainer:
         correct = (outputs.argmax(axis=-1) == labels.reshape([-1])).astype("int64").sum()
         return loss, correct
 
-    def _agree_on(self, window: "_Window") -> Dict[str, float]:
-        """All-reduce the window's sums so every rank logs the global batch's figures."""
-        sums = paddle.to_tensor(window.take(), dtype="float64")
+    def _due(self, step: int) -> bool:
+        return self.checkpointer is not None and self.checkpointer.due_by_steps(step)
+
+    def _save(self, reason: str, wait: bool = False) -> None:
+        if self.checkpointer is None:
+            return
+        if self.heartbeat is not None:
+            self.heartbeat.set_phase("checkpoint")
+        self.checkpointer.save(self, reason, wait=wait or not self.config.checkpoint.async_save)
+        if self.heartbeat is not None:
+            self.heartbeat.beat(self.position.step)
+
+    def _log_and_agree(self):
+        """The agreement point, every ``log_every_steps``: one all-reduce carries the
+        window's metric sums and rank 0's flags (stop requested, time-based save due),
+        so every rank logs the global figures and takes the same decisions."""
+        pos = self.position
+        flags = [0.0, 0.0]
+        if self.is_rank0:
+            flags = [float(self.stop_requested()),
+                     float(self.checkpointer is not None and self.checkpointer.due_by_time(time.time()))]
+        sums = paddle.to_tensor(self._window.take() + flags, dtype="float64")
         if self.env.world_size > 1:
             dist.all_reduce(sums)
-        loss_sum, correct, count, batches = sums.numpy().tolist()
-        return {"loss": loss_sum / max(batches, 1), "acc": correct / max(count, 1)}
+        loss_sum, correct, count, batches, stop, save_now = sums.numpy().tolist()
+        values = {"loss": loss_sum / max(batches, 1), "acc": correct / max(count, 1)}
+        rate, eta = self._meter.update((pos.step - self.start_step) * self.samples_per_step,
+                                       pos.step - self.start_step, self.total_steps - pos.step)
+        if self.is_rank0:
+            self.progress.step(pos.batch, pos.step, values, rate, eta)
+            self.metrics.append({"step": pos.step, "epoch": pos.epoch, **values,
+                                 "lr": self.optimizer.get_lr(), "samples_per_s": rate,
+                                 "time": time.time(), "attempt": self.env.attempt})
+        self.last_train = values
+        return stop > 0, save_now > 0
 
-    def _end_epoch(self, pos: Position, progress: Progress, metrics) -> None:
+    def _maybe_emergency_save(self, error: Exception) -> None:
+        """A collective failed because a peer died: the lowest surviving rank saves the
+        last completed step, so the crash costs only the step in flight."""
+        if self.checkpointer is None or self.env.world_size == 1 or not is_peer_failure(error):
+            return
+        if lowest_live_rank(self.run_dir / "heartbeats", self.env.rank) != self.env.rank:
+            return
+        rng = self._rng_before_step or rng_state()
+        with ignoring_sigterm():
+            try:
+                path = self.checkpointer.emergency_save(self, rng)
+            except Exception as e:  # the original error is the one to report
+                log.warning("emergency snapshot failed: %s: %s", type(e).__name__, e)
+                return
+        if path is not None:
+            log.warning("a peer failed at step %d; emergency snapshot %s written by rank %d",
+                        self.position.step + 1, path, self.env.rank)
+
+    def _end_epoch(self, pos: Position) -> None:
         finished = pos.epoch
         pos.epoch += 1
         pos.batch = 0
         if (finished + 1) % self.train.eval_every_epochs == 0:
-            self._evaluate_and_log(progress, metrics, epoch=finished)
-        if self.checkpointer is not None and pos.step < self.total_steps:
-            self.checkpointer.maybe_save(self, pos)
+            self._evaluate_and_log(epoch=finished)
+        if pos.step < self.total_steps and self._due(pos.step):
+            self._save("scheduled")
 
     def last_eval_is_current(self) -> bool:
         return self.last_eval.get("step") == self.position.step
 
-    def _evaluate_and_log(self, progress: Progress, metrics, epoch: Optional[int] = None) -> None:
+    def _evaluate_and_log(self, epoch: Optional[int] = None) -> None:
         if self.eval_data is None:
             return
         result = self.evaluate()
         self.last_eval = {"step": self.position.step, **result}
         if self.is_rank0:
-            progress.message(f"Eval after global step {self.position.step}: "
+            self.progress.message(f"Eval after global step {self.position.step}: "
                              f"loss: {result['eval_loss']:.4f} - acc: {result['eval_acc']:.4f} "
                              f"({result['eval_samples']} samples)")
-            metrics.append({"step": self.position.step,
-                            "epoch": self.position.epoch if epoch is None else epoch,
-                            **result, "time": time.time(), "attempt": self.env.attempt})
+            self.metrics.append({"step": self.position.step,
+                                 "epoch": self.position.epoch if epoch is None else epoch,
+                                 **result, "time": time.time(), "attempt": self.env.attempt})
 
     @paddle.no_grad()
     def evaluate(self) -> Dict[str, float]:
         """Every rank evaluates a disjoint share; the sums are all-reduced, so all agree."""
         layer = self.layer
         layer.eval()
+        if self.heartbeat is not None:
+            self.heartbeat.set_phase("eval")
         subset = paddle.io.Subset(self.eval_data,
                                   shard_indices(len(self.eval_data), self.env.world_size, self.env.rank))
         loader = paddle.io.DataLoader(subset, batch_size=max(self.train.global_batch_size // self.env.world_size, 1),
@@ -201,6 +264,8 @@ class Trainer:
             loss_sum += float(self.loss_fn(outputs, labels)) * len(labels)
             correct += int((outputs.argmax(axis=-1) == labels.reshape([-1])).astype("int64").sum())
             count += len(labels)
+            if self.heartbeat is not None:
+                self.heartbeat.beat(self.position.step, "eval")
         sums = paddle.to_tensor([loss_sum, correct, count], dtype="float64")
         if self.env.world_size > 1:
             dist.all_reduce(sums)
@@ -209,23 +274,25 @@ class Trainer:
         return {"eval_loss": loss_sum / max(count, 1), "eval_acc": correct / max(count, 1),
                 "eval_samples": int(count)}
 
-    def _finish(self, started: float, start_step: int, metrics) -> Dict:
+    def _finish(self, started: float, status: str) -> Dict:
         wall = time.time() - started
         summary = {
-            "status": "succeeded",
+            "status": "succeeded" if status == "finished" else status,
             "global_steps": self.position.step,
             "epochs": self.position.epoch + (self.position.batch > 0),
             "world_size": self.env.world_size,
             "train": self.last_train,
             "eval": {k: v for k, v in self.last_eval.items() if k != "step"},
             "wall_time_s": wall,
-            "samples_per_s": (self.position.step - start_step) * self.samples_per_step / max(wall, 1e-9),
+            "samples_per_s": (self.position.step - self.start_step) * self.samples_per_step
+            / max(wall, 1e-9),
             "device": self.device,
             "digest": params_digest(model_arrays(self.layer)),
         }
         if self.is_rank0:
-            metrics.close()
-            write_json_atomic(self.run_dir / "summary.json", summary)
+            self.metrics.close()
+            if status == "finished":
+                write_json_atomic(self.run_dir / "summary.json", summary)
         return summary
 
 

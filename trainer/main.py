@@ -10,6 +10,7 @@ from pathlib import Path
 from paddlerun.trainer.config import load_config
 from paddlerun.trainer.env import WorkerEnv
 from paddlerun.trainer.errors import write_error
+from paddlerun.trainer.heartbeat import HeartbeatWriter
 
 
 def setup_logging(rank: int) -> None:
@@ -27,12 +28,18 @@ def main(argv=None) -> int:
     run_dir = Path(args.run_dir)
     setup_logging(env.rank)
     log = logging.getLogger("paddlerun.worker")
+    # Before importing paddle, so that a slow import shows as phase "init", not silence.
+    heartbeat = HeartbeatWriter(run_dir / "heartbeats", env.rank, env.heartbeat_interval_s,
+                                attempt=env.attempt).start()
     try:
         config = load_config(args.config)
         from paddlerun.trainer.worker_setup import run_worker  # imports paddle
-        summary = run_worker(config, env, run_dir)
+        heartbeat.set_phase("init")
+        summary = run_worker(config, env, run_dir, heartbeat)
         if env.rank == 0:
-            log.info("done: %d steps, digest %s", summary["global_steps"], summary["digest"])
+            log.info("%s: %d steps, digest %s", summary["status"], summary["global_steps"],
+                     summary["digest"])
+        heartbeat.stop("done")
         return 0
     except BaseException as e:  # noqa: B902 - the root cause must reach the supervisor
         if isinstance(e, SystemExit) and not e.code:

@@ -1,14 +1,27 @@
-"""Assemble one worker: trainer, checkpointer and heartbeat, from config and environment."""
+"""Assemble one worker: trainer, checkpointer, heartbeat and stop requests."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Dict
 
+from paddlerun.trainer import control, signals
+from paddlerun.trainer.checkpointer import Checkpointer
 from paddlerun.trainer.config import Config
 from paddlerun.trainer.env import WorkerEnv
+from paddlerun.trainer.events import EventLog
 from paddlerun.trainer.loop import Trainer
 
 
-def run_worker(config: Config, env: WorkerEnv, run_dir: Path) -> Dict:
-    trainer = Trainer(config, env, run_dir)
+def run_worker(config: Config, env: WorkerEnv, run_dir: Path, heartbeat=None) -> Dict:
+    signals.install_stop_handler()
+    checkpoint_dir = env.checkpoint_dir or Path(config.checkpoint.dir or run_dir / "checkpoints")
+    events = EventLog(run_dir / "events.jsonl") if env.rank == 0 else None
+    checkpointer = Checkpointer(config, env, checkpoint_dir, run_dir,
+                                sharded=config.train.sharded_optimizer, events=events)
+
+    def stop_requested() -> bool:
+        return signals.stop_signalled() or control.stop_requested(run_dir)
+
+    trainer = Trainer(config, env, run_dir, checkpointer=checkpointer, heartbeat=heartbeat,
+                      stop_requested=stop_requested)
     return trainer.fit()

@@ -1,0 +1,73 @@
+"""When to restart a failed attempt, after how long, and when to give up.
+
+Pure policy: it sees the history of failures and answers; it starts nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from paddlerun.trainer.config import SupervisorConfig
+
+#: Consecutive attempts that fail the same way before their first step: the fault is
+#: in the job (a bad import, a broken install), not the machine; restarting won't help.
+NO_PROGRESS_LIMIT = 2
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One failed attempt, root cause first (the supervisor's report names all of it)."""
+    attempt: int
+    time: float
+    #: worker_exit, worker_killed, launch_exit, launch_killed, hang, error
+    kind: str
+    cause: str
+    rank: Optional[int] = None
+    pid: Optional[int] = None
+    host: Optional[str] = None
+    #: The failing worker's traceback or the last lines of its log.
+    detail: str = ""
+    #: False for faults no restart can fix (a bad config, an import error).
+    retriable: bool = True
+    #: Whether the attempt completed any training step.
+    progressed: bool = True
+
+    @property
+    def signature(self) -> str:
+        return f"{self.kind}:{self.cause.split(':')[0]}"
+
+
+@dataclass(frozen=True)
+class Decision:
+    restart: bool
+    delay_s: float = 0.0
+    reason: str = ""
+
+
+class RestartPolicy:
+    def __init__(self, config: SupervisorConfig):
+        self.config = config
+
+    def decide(self, failures: Sequence[Failure], now: float) -> Decision:
+        last = failures[-1]
+        c = self.config
+        if not last.retriable:
+            return Decision(False, reason=f"not retriable: {last.cause}")
+        if len(failures) > c.max_restarts:
+            return Decision(False, reason=f"restart budget spent: {len(failures)} failures, "
+                                          f"supervisor.max_restarts={c.max_restarts}")
+        recent = [f for f in failures if now - f.time <= c.failure_window_s]
+        if len(recent) >= c.max_failures_in_window:
+            return Decision(False, reason=f"{len(recent)} failures within "
+                                          f"supervisor.failure_window_s={c.failure_window_s:g}")
+        tail = failures[-NO_PROGRESS_LIMIT:]
+        if (len(tail) == NO_PROGRESS_LIMIT and not any(f.progressed for f in tail)
+                and len({f.signature for f in tail}) == 1):
+            return Decision(False, reason=f"{NO_PROGRESS_LIMIT} attempts in a row failed the same "
+                                          f"way before their first step: {last.cause}")
+        return Decision(True, delay_s=self.backoff(len(failures)))
+
+    def backoff(self, failure_count: int) -> float:
+        """Exponential: backoff_s, 2x, 4x, ... capped at backoff_max_s."""
+        c = self.config
+        return min(c.backoff_s * 2 ** max(failure_count - 1, 0), c.backoff_max_s)

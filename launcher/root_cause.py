@@ -1,0 +1,97 @@
+"""Find the root cause of a failed attempt and report it, root cause first.
+
+Sources, most telling first: a worker's own error file (its traceback); what the
+supervisor saw (a worker that vanished, a stale heartbeat); the launcher's report
+(``Container rank K status failed ... code C``); the last lines of the worker's log.
+A collective error in a survivor ("Connection reset by peer") is a consequence of
+a peer's death, so it is the root cause only when nothing else explains the failure.
+"""
+from __future__ import annotations
+
+import re
+import socket
+import time
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Sequence
+
+from paddlerun.launcher.process_tree import describe_exit
+from paddlerun.launcher.restart_policy import Failure
+from paddlerun.trainer.errors import read_errors
+
+_CONTAINER_FAILED = re.compile(r"Container rank (\d+) status failed .*? code (-?\d+)")
+LOG_TAIL_LINES = 20
+
+
+def diagnose(kind: str, run_dir: Path, attempt: int, log_dir: Path, beats: Mapping,
+             returncode: Optional[int] = None, dead: Sequence[int] = (),
+             reasons: Optional[Dict[int, str]] = None) -> Failure:
+    now = time.time()
+    progressed = any(hb.phase != "init" for hb in beats.values())
+    errors = read_errors(run_dir, attempt)
+    primary = sorted((e for e in errors.values() if not e.get("peer_failure")), key=lambda e: e["time"])
+    secondary = sorted((e for e in errors.values() if e.get("peer_failure")), key=lambda e: e["time"])
+    launcher_codes = launcher_reports(log_dir / "launch.log")
+
+    def from_error(e: dict) -> Failure:
+        return Failure(attempt, now, "error", f"{e['type']}: {e['message']}", rank=e["rank"],
+                       pid=e.get("pid"), host=e.get("host"), detail=e.get("traceback", ""),
+                       retriable=e.get("retriable", True), progressed=progressed)
+
+    def from_rank(kind: str, rank: int, cause: str) -> Failure:
+        hb = beats.get(rank)
+        return Failure(attempt, now, kind, cause, rank=rank, pid=hb.pid if hb else None,
+                       host=hb.host if hb else socket.gethostname(),
+                       detail=log_tail(log_dir / f"workerlog.{rank}"), progressed=progressed)
+
+    if primary:
+        return from_error(primary[0])
+    if kind == "hang" and reasons:
+        rank = min(reasons)
+        return from_rank("hang", rank, f"rank {rank} hung: {reasons[rank]}")
+    killed = [r for r, code in launcher_codes.items() if code < 0]
+    if dead or killed:
+        rank = min(dead) if dead else min(killed)
+        code = launcher_codes.get(rank)
+        how = describe_exit(code) if code is not None else "died (its exit status was not reported)"
+        return from_rank("worker_died", rank, f"rank {rank} {how}")
+    if launcher_codes:
+        rank = min(launcher_codes)
+        return from_rank("worker_exit", rank, f"rank {rank} {describe_exit(launcher_codes[rank])}")
+    if secondary:
+        return from_error(secondary[0])
+    what = describe_exit(returncode) if returncode is not None else "stopped"
+    return Failure(attempt, now, "launch_exit", f"the launch process {what}",
+                   host=socket.gethostname(), detail=log_tail(log_dir / "launch.log"),
+                   progressed=progressed)
+
+
+def launcher_reports(path: Path) -> Dict[int, int]:
+    """rank -> exit code, from paddle.distributed.launch's 'Container ... failed' lines."""
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return {}
+    return {int(m.group(1)): int(m.group(2)) for m in _CONTAINER_FAILED.finditer(text)}
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(f.tell() - 16384, 0))
+            return "\n".join(f.read().decode(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return ""
+
+
+def report(f: Failure) -> str:
+    """The root cause first: time, host, rank, pid, cause; then the traceback or log tail."""
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(f.time))
+    who = ", ".join(x for x in (f"host {f.host}" if f.host else "",
+                                f"rank {f.rank}" if f.rank is not None else "",
+                                f"pid {f.pid}" if f.pid else "") if x)
+    lines = [f"paddlerun: attempt {f.attempt} failed at {when}" + (f" ({who})" if who else ""),
+             f"  root cause: {f.cause}"]
+    if f.detail:
+        lines.append("  " + "\n  ".join(f.detail.rstrip().splitlines()[-LOG_TAIL_LINES:]))
+    return "\n".join(lines)

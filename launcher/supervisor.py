@@ -1,0 +1,374 @@
+"""The supervisor: one per node; starts the launch tree, watches it, restarts it.
+
+Its whole policy is here, as a state machine whose transitions are all in
+:data:`TRANSITIONS` and all recorded in ``RUN_DIR/events.jsonl``. Process handling
+is in :mod:`process_tree`, restart policy in :mod:`restart_policy`, root causes in
+:mod:`root_cause`. Never imports paddle.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import psutil
+from filelock import FileLock, Timeout
+
+from paddlerun.launcher import exit_codes, root_cause
+from paddlerun.launcher.launch import LaunchSpec
+from paddlerun.launcher.process_tree import ProcessTree, become_subreaper
+from paddlerun.launcher.restart_policy import Failure, RestartPolicy
+from paddlerun.trainer import control
+from paddlerun.trainer.config import dump_config
+from paddlerun.trainer.events import EventLog
+from paddlerun.trainer.heartbeat import clear_heartbeats, read_heartbeats, stale_ranks
+from paddlerun.trainer.metrics import write_json_atomic
+
+log = logging.getLogger("paddlerun.supervisor")
+
+
+class State(str, Enum):
+    """The supervisor's states, and what it does in each.
+
+    STARTING   start the launch process tree of the next attempt
+    RUNNING    watch it: launch exit, dead workers, stale heartbeats, signals
+    FAILED     tear the whole tree down, find the root cause, ask the restart policy
+    RESTARTING wait the backoff, then start again (the workers resume from the newest snapshot)
+    SUCCEEDED  training finished: exit 0
+    GAVE_UP    not retriable, or the restart budget is spent: report the root cause, exit 1
+    PREEMPTED  a signal asked to stop: snapshot, stop everything, exit with the requeue code
+    """
+    STARTING = "starting"
+    RUNNING = "running"
+    FAILED = "failed"
+    RESTARTING = "restarting"
+    SUCCEEDED = "succeeded"
+    GAVE_UP = "gave_up"
+    PREEMPTED = "preempted"
+
+
+TRANSITIONS = {
+    State.STARTING: {State.RUNNING, State.FAILED},
+    State.RUNNING: {State.SUCCEEDED, State.FAILED, State.PREEMPTED},
+    State.FAILED: {State.RESTARTING, State.GAVE_UP, State.PREEMPTED},
+    State.RESTARTING: {State.STARTING, State.PREEMPTED},
+}
+TERMINAL = {State.SUCCEEDED, State.GAVE_UP, State.PREEMPTED}
+
+#: How often the running tree is looked at: a SIGKILLed worker is noticed within this.
+POLL_S = 0.1
+#: SIGTERM -> SIGKILL grace when tearing a failed attempt down.
+TEARDOWN_TERM_S = 5.0
+
+
+class RunDirBusy(RuntimeError):
+    """Another supervisor owns this run directory."""
+
+
+class Supervisor:
+    def __init__(self, spec: LaunchSpec, stream=None):
+        self.spec = spec
+        self.config = spec.config
+        self.run_dir = spec.run_dir
+        self.stream = stream or sys.stdout
+        self.state = State.STARTING
+        self.policy = RestartPolicy(self.config.supervisor)
+        self.failures: List[Failure] = []
+        self.attempt = 0
+        self.first_attempt = 0
+        self.tree: Optional[ProcessTree] = None
+        self.attempt_started = 0.0
+        self.signals: List[int] = []
+        self.events: Optional[EventLog] = None
+        self._log_pos = 0
+        self._dead_noticed: Dict[int, float] = {}
+        self._pending: Optional[Failure] = None
+        self._lock: Optional[FileLock] = None
+        self._backoff_until = 0.0
+        self.host = socket.gethostname()
+
+    # ------------------------------------------------------------ main loop
+
+    def run(self) -> int:
+        try:
+            self._prepare()
+        except RunDirBusy as e:
+            print(f"paddlerun: {e}", file=sys.stderr)
+            return exit_codes.BAD_CONFIG
+        become_subreaper()
+        previous = self._install_signal_handlers()
+        handlers: Dict[State, Callable[[], State]] = {
+            State.STARTING: self._start, State.RUNNING: self._watch,
+            State.FAILED: self._fail, State.RESTARTING: self._restart,
+        }
+        try:
+            while self.state not in TERMINAL:
+                self._transition(handlers[self.state]())
+        finally:
+            if self.tree is not None:
+                self.tree.close(TEARDOWN_TERM_S)
+            self._restore_signal_handlers(previous)
+            self._write_summary()
+            self._lock.release()
+        return self._exit_code()
+
+    def _transition(self, new: State) -> None:
+        if new not in TRANSITIONS[self.state]:
+            raise RuntimeError(f"supervisor bug: no transition {self.state.value} -> {new.value}")
+        self.state = new
+
+    def _emit(self, event: str, **details) -> None:
+        self.events.emit(event, self.attempt, state=self.state.value, **details)
+
+    # ------------------------------------------------------------ states
+
+    def _prepare(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = FileLock(str(self.run_dir / ".supervisor.lock"))
+        owner_file = self.run_dir / "supervisor.json"
+        try:
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            owner = owner_file.read_text() if owner_file.is_file() else "unknown"
+            raise RunDirBusy(f"run directory {self.run_dir} is in use by another supervisor "
+                             f"({owner.strip()}); stop it or pick another --run-dir") from None
+        write_json_atomic(owner_file, {"host": socket.gethostname(), "pid": os.getpid(),
+                                       "started": time.time()})
+        dump_config(self.config, self.run_dir / "config.yaml")
+        self.events = EventLog(self.run_dir / "events.jsonl")
+        self.attempt = self.first_attempt = next_attempt_number(self.run_dir)
+        control.clear(self.run_dir)
+
+    def _start(self) -> State:
+        clear_heartbeats(self.run_dir / "heartbeats")
+        control.clear(self.run_dir)
+        log_dir = self.spec.log_dir(self.attempt)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        launch_log = open(log_dir / "launch.log", "ab")
+        self._log_pos = launch_log.tell()
+        argv = self.spec.argv(self.attempt)
+        env = self.spec.env(self.attempt, restarts=len(self.failures),
+                            tty=self.stream.isatty() if hasattr(self.stream, "isatty") else False)
+        self.tree = ProcessTree(argv, env=env, stdout=launch_log, stderr=launch_log)
+        self._dead_noticed.clear()
+        try:
+            self.tree.start()
+        except OSError as e:
+            self._pending = Failure(self.attempt, time.time(), "launch_exit",
+                                    f"cannot start {argv[0]}: {e}", retriable=False, progressed=False)
+            return State.FAILED
+        finally:
+            launch_log.close()
+        self.attempt_started = time.time()
+        self._emit("started", pid=self.tree.pid, nproc_per_node=self.spec.nproc_per_node,
+                   restarts=len(self.failures), argv=argv)
+        log.info("attempt %d started (launch pid %d, %d workers)", self.attempt, self.tree.pid,
+                 self.spec.nproc_per_node)
+        return State.RUNNING
+
+    def _watch(self) -> State:
+        hb_dir = self.run_dir / "heartbeats"
+        hang_timeout = self.config.supervisor.hang_timeout_s
+        while True:
+            self._forward_launch_output()
+            if self.signals:
+                return self._preempt()
+            now = time.time()
+            beats = read_heartbeats(hb_dir, attempt=self.attempt)
+            local = {r: hb for r, hb in beats.items() if hb.host == self.host}
+            for hb in local.values():
+                self.tree.add_known(hb.pid, hb.create_time)
+            self.tree.reap_orphans()
+            returncode = self.tree.poll()
+            if returncode is not None:
+                self._forward_launch_output()
+                if returncode == 0:
+                    self._teardown("finished")
+                    self._emit("succeeded")
+                    return State.SUCCEEDED
+                self._pending = self._diagnose("launch_exit", beats, returncode=returncode)
+                return State.FAILED
+            dead = dead_ranks(local)
+            if dead:
+                # Give a dying worker's error file (or the launcher's report) a moment to appear.
+                first_seen = self._dead_noticed.setdefault(min(dead), now)
+                if now - first_seen >= 2 * POLL_S:
+                    self._pending = self._diagnose("worker_died", beats, dead=dead)
+                    return State.FAILED
+            stale = stale_ranks(beats, now, hang_timeout)
+            # Single node: every rank must have beaten once within the hang timeout.
+            missing = [r for r in range(self.spec.nproc_per_node) if r not in beats] \
+                if self.config.launch.nnodes == 1 and now - self.attempt_started > hang_timeout else []
+            if stale or missing:
+                reasons = stale or {r: f"never sent a heartbeat in {hang_timeout:g} s" for r in missing}
+                self._emit("hang_detected", ranks={str(k): v for k, v in reasons.items()})
+                self._pending = self._diagnose("hang", beats, reasons=reasons)
+                return State.FAILED
+            time.sleep(POLL_S)
+
+    def _fail(self) -> State:
+        failure = self._pending
+        self._teardown("failure")
+        self.failures.append(failure)
+        self._emit("worker_failed", **failure_details(failure))
+        self._print_report(failure)
+        if self.signals:
+            return State.PREEMPTED
+        decision = self.policy.decide(self.failures, time.time())
+        if not decision.restart:
+            self._emit("gave_up", reason=decision.reason, root_cause=failure.cause)
+            print(f"paddlerun: giving up: {decision.reason}", file=sys.stderr)
+            return State.GAVE_UP
+        self._emit("restarting", delay_s=decision.delay_s, restarts=len(self.failures))
+        print(f"paddlerun: restarting in {decision.delay_s:.1f} s "
+              f"(restart {len(self.failures)} of {self.config.supervisor.max_restarts})",
+              file=sys.stderr)
+        self._backoff_until = time.time() + decision.delay_s
+        return State.RESTARTING
+
+    def _restart(self) -> State:
+        while time.time() < self._backoff_until:
+            if self.signals:
+                self._emit("preempted", during="backoff")
+                return State.PREEMPTED
+            time.sleep(min(POLL_S, max(self._backoff_until - time.time(), 0)))
+        self.attempt += 1
+        return State.STARTING
+
+    def _preempt(self) -> State:
+        """Ask the workers for a snapshot, give them the grace period, then stop everything."""
+        first = self.signals[0]
+        grace = self.config.supervisor.preempt_grace_s
+        self._emit("preempt_requested", signal=signal.Signals(first).name, grace_s=grace)
+        log.info("%s: asking the workers for a snapshot (grace %.0f s; signal again to stop at once)",
+                 signal.Signals(first).name, grace)
+        control.request_stop(self.run_dir, reason=signal.Signals(first).name)
+        deadline = time.time() + grace
+        while time.time() < deadline and len(self.signals) < 2 and self.tree.poll() is None:
+            self._forward_launch_output()
+            time.sleep(POLL_S)
+        self._forward_launch_output()
+        clean = self.tree.poll() == 0
+        self._teardown("preempted")
+        self._emit("preempted", signal=signal.Signals(first).name, clean=clean,
+                   how="workers saved and exited" if clean else
+                   "second signal" if len(self.signals) > 1 else "grace period ran out")
+        return State.PREEMPTED
+
+    # ------------------------------------------------------------ helpers
+
+    def _teardown(self, why: str) -> None:
+        killed = self.tree.close(TEARDOWN_TERM_S)
+        self.tree.reap_orphans()
+        left = [p.pid for p in self.tree.members()]
+        self._emit("teardown", why=why, processes=len(killed),
+                   how=sorted({k["how"] for k in killed}), left_alive=left)
+
+    def _diagnose(self, kind: str, beats, **facts) -> Failure:
+        self._forward_launch_output()
+        return root_cause.diagnose(kind, self.run_dir, self.attempt, self.spec.log_dir(self.attempt),
+                                   beats, **facts)
+
+    def _print_report(self, failure: Failure) -> None:
+        print(root_cause.report(failure), file=sys.stderr)
+
+    def _forward_launch_output(self) -> None:
+        """Copy what the launch process wrote since last time to our stdout."""
+        path = self.spec.log_dir(self.attempt) / "launch.log"
+        try:
+            with open(path, "rb") as f:
+                f.seek(self._log_pos)
+                data = f.read()
+        except FileNotFoundError:
+            return
+        if data:
+            self._log_pos += len(data)
+            out = getattr(self.stream, "buffer", None)
+            if out is not None:
+                self.stream.flush()
+                out.write(data)
+                out.flush()
+            else:
+                self.stream.write(data.decode(errors="replace"))
+
+    def _install_signal_handlers(self):
+        def on_signal(signum, frame):
+            self.signals.append(signum)
+
+        names = list(self.config.supervisor.preempt_signals) + ["SIGINT"]
+        previous = {}
+        for name in dict.fromkeys(names):
+            sig = getattr(signal, name)
+            previous[sig] = signal.signal(sig, on_signal)
+        return previous
+
+    @staticmethod
+    def _restore_signal_handlers(previous) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    def _exit_code(self) -> int:
+        if self.state is State.SUCCEEDED:
+            return exit_codes.SUCCESS
+        if self.state is State.PREEMPTED:
+            return exit_codes.INTERRUPTED if self.signals[0] == signal.SIGINT else exit_codes.REQUEUE
+        if self.failures and not self.failures[-1].retriable and self.failures[-1].kind == "error" \
+                and "Config" in self.failures[-1].cause.split(":")[0]:
+            return exit_codes.BAD_CONFIG
+        return exit_codes.FAILED
+
+    def _write_summary(self) -> None:
+        path = self.run_dir / "summary.json"
+        summary = {}
+        if self.state is State.SUCCEEDED and path.is_file():
+            try:
+                summary = json.loads(path.read_text())
+            except ValueError:
+                summary = {}
+        summary.update({
+            "status": self.state.value,
+            "attempts": self.attempt - self.first_attempt + 1,
+            "first_attempt": self.first_attempt,
+            "restarts": len(self.failures) if self.state is not State.GAVE_UP else len(self.failures) - 1,
+            "failures": [failure_details(f) for f in self.failures],
+        })
+        if self.state is not State.SUCCEEDED:
+            summary.setdefault("root_cause", failure_details(self.failures[-1]) if self.failures else None)
+        write_json_atomic(path, summary)
+
+
+def dead_ranks(beats) -> List[int]:
+    """Ranks whose process is gone (or a zombie) without having said it was done."""
+    dead = []
+    for rank, hb in beats.items():
+        if hb.phase == "done":
+            continue
+        try:
+            proc = psutil.Process(hb.pid)
+            alive = abs(proc.create_time() - hb.create_time) < 0.01 and \
+                proc.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            alive = False
+        if not alive:
+            dead.append(rank)
+    return sorted(dead)
+
+
+def failure_details(f: Failure) -> dict:
+    return {"kind": f.kind, "cause": f.cause, "rank": f.rank, "pid": f.pid, "host": f.host,
+            "time": f.time, "attempt": f.attempt, "retriable": f.retriable,
+            "progressed": f.progressed, "detail": f.detail[-2000:]}
+
+
+def next_attempt_number(run_dir: Path) -> int:
+    """Attempts are numbered across reruns of the same run directory, so logs never mix."""
+    numbers = [int(p.name.split("-", 1)[1]) for p in (run_dir / "logs").glob("attempt-*")
+               if p.name.split("-", 1)[1].isdigit()]
+    return max(numbers) + 1 if numbers else 0

@@ -1,0 +1,259 @@
+"""Snapshots inside the worker: when to take one, capture, persist in the background, restore.
+
+Two phases (DESIGN.md "Checkpoints"): *capture* copies the state to host memory on
+the training thread (fast); *persist* writes, fsyncs, hashes and commits it on a
+background thread. At most one persist is in flight: the next capture waits for
+it, and a persist error is raised on the training thread at the next save or at
+the end, never lost (orbax's async save).
+
+Who writes what: rank 0 writes the model, the optimizer state and
+``trainer_state.json`` and commits. With a sharded optimizer every rank writes its
+own shard into the same staging directory and rank 0 commits only when every
+shard is there and verified.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import paddle
+
+from paddlerun.trainer import state as tstate
+from paddlerun.trainer.checkpoint import CheckpointError, CheckpointStore, read_tensors, resolve_snapshot
+from paddlerun.trainer.config import Config
+from paddlerun.trainer.env import WorkerEnv
+
+log = logging.getLogger("paddlerun.checkpoint")
+
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "trainer_state.json"
+FORMAT_VERSION = 1
+
+
+def shard_file(rank: int) -> str:
+    return f"optimizer-rank-{rank:05d}.safetensors"
+
+
+@dataclass
+class Captured:
+    """One snapshot's state, on the host, ready to persist."""
+    step: int
+    model: Dict[str, np.ndarray]
+    optimizer: Dict[str, np.ndarray]
+    trainer_state: Dict[str, Any]
+    reason: str
+    captured_at: float = field(default_factory=time.time)
+
+
+class Checkpointer:
+    """Every rank has one; all ranks call :meth:`save` at the same steps."""
+
+    def __init__(self, config: Config, env: WorkerEnv, directory: Path, run_dir: Path,
+                 sharded: bool = False, events=None):
+        self.cfg = config.checkpoint
+        self.config_hash = config.hash()
+        self.env = env
+        self.run_dir = run_dir
+        self.sharded = sharded
+        self.events = events
+        self.store = CheckpointStore(directory, lock_timeout_s=self.cfg.lock_timeout_s)
+        self.is_writer = env.rank == 0
+        self._claim = None
+        if self.is_writer:
+            self.store.prepare()
+            self._claim = self.store.claim_writer({
+                "host": socket.gethostname(), "pid": os.getpid(), "run_dir": str(run_dir),
+                "attempt": env.attempt, "started": time.time()})
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+        self.last_save_time = time.time()
+        self.last_saved_step: Optional[int] = None
+        #: Test-only pause point: seconds to sleep between writing files and committing.
+        self._pause_before_commit = float(os.environ.get("PADDLERUN_TEST_PAUSE_BEFORE_COMMIT_S", 0))
+
+    # ------------------------------------------------------------ schedule
+
+    def due_by_steps(self, step: int) -> bool:
+        """Deterministic in the step: every rank computes the same answer with no message."""
+        return bool(self.cfg.every_steps) and step % self.cfg.every_steps == 0
+
+    def due_by_time(self, now: float) -> bool:
+        """Rank 0's opinion only; the loop all-reduces it at the next agreement point."""
+        return self.cfg.every_seconds is not None and now - self.last_save_time >= self.cfg.every_seconds
+
+    # ------------------------------------------------------------ save
+
+    def save(self, trainer, reason: str = "scheduled", wait: bool = False) -> None:
+        """Capture now, persist in the background (or at once with ``checkpoint.async: false``)."""
+        pos = trainer.position
+        if self.last_saved_step == pos.step:
+            if wait:
+                self.wait()
+            return
+        self.wait()  # at most one persist in flight; raises the previous one's error
+        captured = self.capture(trainer, reason, tstate.rng_state())
+        self.last_save_time = time.time()
+        self.last_saved_step = pos.step
+        if self.cfg.async_save and not wait:
+            self._thread = threading.Thread(target=self._persist_guarded, args=(captured,),
+                                            name=f"paddlerun-persist-{pos.step}", daemon=True)
+            self._thread.start()
+        else:
+            self.persist(captured)
+
+    def capture(self, trainer, reason: str, rng: Dict[str, Any]) -> Captured:
+        pos = trainer.position
+        model: Dict[str, np.ndarray] = {}
+        optimizer: Dict[str, np.ndarray] = {}
+        trainer_state: Dict[str, Any] = {}
+        if self.is_writer or self.sharded:
+            optimizer, opt_extra = tstate.optimizer_arrays(trainer.optimizer)
+        if self.is_writer:
+            model = tstate.model_arrays(trainer.layer)
+            trainer_state = {
+                "format": FORMAT_VERSION,
+                "step": pos.step, "epoch": pos.epoch, "batch": pos.batch,
+                "world_size": self.env.world_size,
+                "global_batch_size": trainer.train.global_batch_size,
+                "sharded_optimizer": self.sharded,
+                "config_hash": self.config_hash,
+                "rng": rng,
+                "optimizer_extra": opt_extra,
+                "grad_scaler": {},
+                "reason": reason,
+                "attempt": self.env.attempt,
+                "time": time.time(),
+            }
+        return Captured(pos.step, model, optimizer, trainer_state, reason)
+
+    def persist(self, c: Captured) -> Optional[Path]:
+        if not (self.is_writer or self.sharded):
+            return None
+        staging = self.store.stage(c.step)
+        if self.sharded:
+            staging.write_tensors(shard_file(self.env.rank), c.optimizer)
+        if not self.is_writer:
+            return None
+        staging.write_tensors(MODEL_FILE, c.model)
+        if not self.sharded:
+            staging.write_tensors(OPTIMIZER_FILE, c.optimizer)
+        staging.write_json(STATE_FILE, c.trainer_state)
+        if self._pause_before_commit:
+            time.sleep(self._pause_before_commit)
+        shards = [shard_file(r) for r in range(self.env.world_size)] if self.sharded else []
+        path = self.store.commit(staging, meta={
+            "step": c.step, "epoch": c.trainer_state["epoch"], "world_size": self.env.world_size,
+            "reason": c.reason, "sharded_optimizer": self.sharded}, expect_files=shards)
+        removed = self.store.apply_retention(self.cfg.keep_last, self.cfg.keep_every_steps)
+        if self.events is not None:
+            self.events.emit("snapshot_committed", self.env.attempt, step=c.step, reason=c.reason,
+                             path=str(path), removed=[p.name for p in removed])
+        log.info("snapshot step %d committed (%s)", c.step, c.reason)
+        return path
+
+    def _persist_guarded(self, captured: Captured) -> None:
+        try:
+            self.persist(captured)
+        except BaseException as e:  # kept and raised on the training thread
+            self._error = e
+
+    def wait(self) -> None:
+        """Wait for the persist in flight; raise its error on this (the training) thread."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise CheckpointError(f"persisting a snapshot failed: {type(error).__name__}: {error}") \
+                from error
+
+    def emergency_save(self, trainer, rng: Dict[str, Any]) -> Optional[Path]:
+        """A peer died mid-step: persist the last completed step now, synchronously.
+
+        Caller: the lowest surviving rank (in plain data parallel every rank holds the
+        same replica). ``rng`` is the RNG state from the start of the failed step, so
+        the snapshot is bit-identical to a scheduled one at that step. The launcher
+        SIGKILLs survivors ~4 s after a death, so this must be quick; if it is cut
+        short, its staging directory is cleaned on the next start.
+        """
+        if self.sharded:
+            log.warning("no emergency snapshot with a sharded optimizer: the dead rank's shard "
+                        "is gone; the newest scheduled snapshot will be used")
+            return None
+        try:
+            self.wait()
+        except CheckpointError as e:
+            log.warning("the snapshot in flight failed: %s", e)
+        if self.last_saved_step == trainer.position.step:
+            return None
+        if not self.is_writer:  # rank 0 died: its claim died with it
+            self._claim = self.store.claim_writer({
+                "host": socket.gethostname(), "pid": os.getpid(), "run_dir": str(self.run_dir),
+                "attempt": self.env.attempt, "started": time.time(), "emergency": True})
+            self.is_writer = True
+        path = self.persist(self.capture(trainer, "emergency", rng))
+        self.last_saved_step = trainer.position.step
+        return path
+
+    def close(self) -> None:
+        self.wait()
+        if self._claim is not None:
+            self._claim.release()
+            self._claim = None
+
+    # ------------------------------------------------------------ restore
+
+    def restore(self, trainer, resume_from: Optional[str] = None):
+        """Load the newest complete snapshot into ``trainer``; returns its Position or None."""
+        from paddlerun.trainer.loop import Position
+        # The run's own snapshots win: after a restart they are newer than resume_from.
+        info = self.store.newest_complete(verify=True)
+        if info is not None:
+            path = info.path
+        elif resume_from:
+            path = resolve_snapshot(resume_from)
+        else:
+            return None
+        with self.store.reading(path):
+            manifest = json.loads((path / "manifest.json").read_text())
+            files = {f["name"]: f for f in manifest["files"]}
+            state = json.loads((path / STATE_FILE).read_text())
+            self._check_compatible(state, path)
+            model = read_tensors(path / MODEL_FILE, expected_sha256=files[MODEL_FILE]["sha256"])
+            opt_name = shard_file(self.env.rank) if self.sharded else OPTIMIZER_FILE
+            if opt_name not in files:
+                raise CheckpointError(f"{path}: has no {opt_name}; it was written "
+                                      f"{'without' if self.sharded else 'with'} a sharded optimizer")
+            optimizer = read_tensors(path / opt_name, expected_sha256=files[opt_name]["sha256"])
+        tstate.restore_model(trainer.layer, model, source=str(path))
+        tstate.restore_optimizer(trainer.optimizer, optimizer, state["optimizer_extra"])
+        tstate.restore_rng(state["rng"])
+        self.last_saved_step = state["step"]
+        if self.env.rank == 0:
+            log.info("resumed from %s: step %d, epoch %d, batch %d", path, state["step"],
+                     state["epoch"], state["batch"])
+        return Position(step=state["step"], epoch=state["epoch"], batch=state["batch"])
+
+    def _check_compatible(self, state: dict, path: Path) -> None:
+        if state.get("format") != FORMAT_VERSION:
+            raise CheckpointError(f"{path}: snapshot format {state.get('format')} is not "
+                                  f"{FORMAT_VERSION}; it was written by another paddlerun version")
+        if state["global_batch_size"] % self.env.world_size:
+            raise CheckpointError(f"{path}: its global batch {state['global_batch_size']} does not "
+                                  f"divide among {self.env.world_size} workers")
+        if self.sharded and state["world_size"] != self.env.world_size:
+            raise CheckpointError(f"{path}: written by {state['world_size']} ranks with a sharded "
+                                  f"optimizer; resuming it on {self.env.world_size} is not supported")
+        if state["config_hash"] != self.config_hash and self.env.rank == 0:
+            log.warning("%s was written with a different train config (hash %s, now %s); "
+                        "resuming anyway: the model's shapes are checked next", path,
+                        state["config_hash"][:12], self.config_hash[:12])

@@ -1,0 +1,37 @@
+"""The supervisor's one request to running workers: "snapshot at the next step boundary and stop".
+
+A file, not a signal: a signal would kill a user's script that installs no handler,
+and a file works the same for paddlerun's worker and for script mode. Rank 0 looks
+for it at its agreement points (every ``train.log_every_steps``) and all ranks
+agree through the collective they already run there. Workers that get SIGTERM
+themselves (a scheduler signalling every process) raise the same request.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+STOP_FILE = Path("control") / "stop.json"
+
+
+def request_stop(run_dir: Path, reason: str) -> None:
+    """Supervisor only."""
+    path = Path(run_dir) / STOP_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"reason": reason, "time": time.time(), "pid": os.getpid()}))
+    os.replace(tmp, path)
+
+
+def stop_requested(run_dir: Path) -> bool:
+    return (Path(run_dir) / STOP_FILE).exists()
+
+
+def clear(run_dir: Path) -> None:
+    """Supervisor only, before an attempt starts."""
+    try:
+        (Path(run_dir) / STOP_FILE).unlink()
+    except FileNotFoundError:
+        pass
