@@ -36,9 +36,9 @@ def main(argv=None) -> int:
         from paddlerun.trainer.worker_setup import run_worker  # imports paddle
         heartbeat.set_phase("init")
         summary = run_worker(config, env, run_dir, heartbeat)
-        if env.rank == 0:
-            log.info("%s: %d steps, digest %s", summary["status"], summary["global_steps"],
-                     summary["digest"])
+        # Every rank logs its digest: tests compare them to prove the replicas agree.
+        log.info("%s: %d steps, digest %s", summary["status"], summary["global_steps"],
+                 summary["digest"])
         heartbeat.stop("done")
         return 0
     except BaseException as e:  # noqa: B902 - the root cause must reach the supervisor
