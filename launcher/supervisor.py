@@ -337,10 +337,11 @@ class Supervisor:
             "attempts": self.attempt - self.first_attempt + 1,
             "first_attempt": self.first_attempt,
             "restarts": len(self.failures) if self.state is not State.GAVE_UP else len(self.failures) - 1,
-            "failures": [failure_details(f) for f in self.failures],
+            "failures": [{"attempt": f.attempt, **failure_details(f)} for f in self.failures],
         })
         if self.state is not State.SUCCEEDED:
-            summary.setdefault("root_cause", failure_details(self.failures[-1]) if self.failures else None)
+            last = self.failures[-1] if self.failures else None
+            summary["root_cause"] = {"attempt": last.attempt, **failure_details(last)} if last else None
         write_json_atomic(path, summary)
 
 
@@ -363,7 +364,7 @@ def dead_ranks(beats) -> List[int]:
 
 def failure_details(f: Failure) -> dict:
     return {"kind": f.kind, "cause": f.cause, "rank": f.rank, "pid": f.pid, "host": f.host,
-            "time": f.time, "attempt": f.attempt, "retriable": f.retriable,
+            "failed_at": f.time, "retriable": f.retriable,
             "progressed": f.progressed, "detail": f.detail[-2000:]}
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import paddle
 
 from paddlerun.trainer import state as tstate
-from paddlerun.trainer.checkpoint import CheckpointError, CheckpointStore, read_tensors, resolve_snapshot
+from paddlerun.trainer.checkpoint import CheckpointError, CheckpointStore, resolve_snapshot
 from paddlerun.trainer.config import Config
 from paddlerun.trainer.env import WorkerEnv
 
@@ -77,8 +77,10 @@ class Checkpointer:
         self._error: Optional[BaseException] = None
         self.last_save_time = time.time()
         self.last_saved_step: Optional[int] = None
-        #: Test-only pause point: seconds to sleep between writing files and committing.
-        self._pause_before_commit = float(os.environ.get("PADDLERUN_TEST_PAUSE_BEFORE_COMMIT_S", 0))
+        #: Test-only pause point "STEP:SECONDS": sleep between writing that step's files and
+        #: committing them, so a test can kill the writer in the middle of a persist.
+        step, _, seconds = os.environ.get("PADDLERUN_TEST_PAUSE_BEFORE_COMMIT", "").partition(":")
+        self._pause_before_commit = (int(step), float(seconds)) if seconds else None
 
     # ------------------------------------------------------------ schedule
 
@@ -147,8 +149,8 @@ class Checkpointer:
         if not self.sharded:
             staging.write_tensors(OPTIMIZER_FILE, c.optimizer)
         staging.write_json(STATE_FILE, c.trainer_state)
-        if self._pause_before_commit:
-            time.sleep(self._pause_before_commit)
+        if self._pause_before_commit and self._pause_before_commit[0] == c.step:
+            time.sleep(self._pause_before_commit[1])
         shards = [shard_file(r) for r in range(self.env.world_size)] if self.sharded else []
         path = self.store.commit(staging, meta={
             "step": c.step, "epoch": c.trainer_state["epoch"], "world_size": self.env.world_size,
@@ -213,45 +215,52 @@ class Checkpointer:
     # ------------------------------------------------------------ restore
 
     def restore(self, trainer, resume_from: Optional[str] = None):
-        """Load the newest complete snapshot into ``trainer``; returns its Position or None."""
+        """Load the newest complete snapshot into ``trainer``; returns its Position or None.
+
+        The run's own snapshots win over ``resume_from``: after a restart they are newer.
+        Candidates are tried newest first; each file is verified (size, sha256) as it is
+        read, and a snapshot that fails is skipped with a warning for the next older one.
+        """
         from paddlerun.trainer.loop import Position
-        # The run's own snapshots win: after a restart they are newer than resume_from.
-        info = self.store.newest_complete(verify=True)
-        if info is not None:
-            path = info.path
-        elif resume_from:
-            path = resolve_snapshot(resume_from)
-        else:
-            return None
-        with self.store.reading(path):
-            manifest = json.loads((path / "manifest.json").read_text())
-            files = {f["name"]: f for f in manifest["files"]}
-            state = json.loads((path / STATE_FILE).read_text())
-            self._check_compatible(state, path)
-            model = read_tensors(path / MODEL_FILE, expected_sha256=files[MODEL_FILE]["sha256"])
-            opt_name = shard_file(self.env.rank) if self.sharded else OPTIMIZER_FILE
-            if opt_name not in files:
-                raise CheckpointError(f"{path}: has no {opt_name}; it was written "
-                                      f"{'without' if self.sharded else 'with'} a sharded optimizer")
-            optimizer = read_tensors(path / opt_name, expected_sha256=files[opt_name]["sha256"])
-        tstate.restore_model(trainer.layer, model, source=str(path))
-        tstate.restore_optimizer(trainer.optimizer, optimizer, state["optimizer_extra"])
-        tstate.restore_rng(state["rng"])
-        self.last_saved_step = state["step"]
-        if self.env.rank == 0:
-            log.info("resumed from %s: step %d, epoch %d, batch %d", path, state["step"],
-                     state["epoch"], state["batch"])
-        return Position(step=state["step"], epoch=state["epoch"], batch=state["batch"])
+        candidates = [info.path for info in reversed(self.store.snapshots()) if info.complete]
+        if not candidates and resume_from:
+            candidates = [resolve_snapshot(resume_from)]
+        for path in candidates:
+            try:
+                with self.store.reading(path) as info:
+                    state = info.read_json(STATE_FILE)
+                    self._check_compatible(state, path)
+                    opt_name = shard_file(self.env.rank) if self.sharded else OPTIMIZER_FILE
+                    if opt_name not in info.files:
+                        raise CheckpointError(
+                            f"{path}: has no {opt_name}; it was written "
+                            f"{'without' if self.sharded else 'with'} a sharded optimizer")
+                    model = info.read_tensors(MODEL_FILE)
+                    optimizer = info.read_tensors(opt_name)
+            except CheckpointError as e:
+                log.warning("skipping snapshot %s: %s", path, e)
+                continue
+            tstate.restore_model(trainer.layer, model, source=str(path))
+            tstate.restore_optimizer(trainer.optimizer, optimizer, state["optimizer_extra"])
+            tstate.restore_rng(state["rng"])
+            self.last_saved_step = state["step"]
+            if self.env.rank == 0:
+                log.info("resumed from %s: step %d, epoch %d, batch %d", path, state["step"],
+                         state["epoch"], state["batch"])
+            return Position(step=state["step"], epoch=state["epoch"], batch=state["batch"])
+        if candidates:
+            log.warning("no usable snapshot in %s: starting from scratch", self.store.directory)
+        return None
 
     def _check_compatible(self, state: dict, path: Path) -> None:
         if state.get("format") != FORMAT_VERSION:
-            raise CheckpointError(f"{path}: snapshot format {state.get('format')} is not "
+            raise tstate.StateMismatch(f"{path}: snapshot format {state.get('format')} is not "
                                   f"{FORMAT_VERSION}; it was written by another paddlerun version")
         if state["global_batch_size"] % self.env.world_size:
-            raise CheckpointError(f"{path}: its global batch {state['global_batch_size']} does not "
+            raise tstate.StateMismatch(f"{path}: its global batch {state['global_batch_size']} does not "
                                   f"divide among {self.env.world_size} workers")
         if self.sharded and state["world_size"] != self.env.world_size:
-            raise CheckpointError(f"{path}: written by {state['world_size']} ranks with a sharded "
+            raise tstate.StateMismatch(f"{path}: written by {state['world_size']} ranks with a sharded "
                                   f"optimizer; resuming it on {self.env.world_size} is not supported")
         if state["config_hash"] != self.config_hash and self.env.rank == 0:
             log.warning("%s was written with a different train config (hash %s, now %s); "
