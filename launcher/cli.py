@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 from paddlerun.launcher.exit_codes import BAD_CONFIG, FAILED
+from paddlerun.launcher.usage import UsageError
 from paddlerun.trainer.config import Config, ConfigError, config_from_dict, load_config
 
 log = logging.getLogger("paddlerun")
@@ -38,10 +40,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         return BAD_CONFIG
 
 
-class UsageError(Exception):
-    """Bad command line; exit 2."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="paddlerun", description="Fault-tolerant launcher for "
                                      "data-parallel PaddlePaddle training.")
@@ -61,7 +59,114 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--node-rank", type=int, help="script mode: this node's rank")
     run.add_argument("--master", help="script mode: host:port of the rendezvous master")
     run.set_defaults(handler=cmd_run)
+    add_inspect_commands(sub)
     return parser
+
+
+# ---------------------------------------------------------------- status, ckpt, plot
+
+PATH_HELP = ("a snapshot dir (step-XXXXXXXX), a checkpoints dir or a run dir "
+             "(meaning RUN_DIR/checkpoints)")
+
+
+def add_inspect_commands(sub) -> None:
+    """The commands that look at a run or its snapshots. None of them imports paddle."""
+    status = sub.add_parser(
+        "status", help="attempts, workers, last snapshot and metrics of a run",
+        description="What a run is doing: its state (from events.jsonl) and whether its "
+                    "supervisor is alive (on this host), attempts and restarts, every rank's "
+                    "pid / step / phase / heartbeat age, the newest complete snapshot, the last "
+                    "metrics line and summary.json's status. Exit 0, or 2 if RUN_DIR is not a "
+                    "run dir.")
+    status.add_argument("run_dir", metavar="RUN_DIR")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.set_defaults(handler=cmd_status)
+
+    plot = sub.add_parser(
+        "plot", help="plot loss and eval accuracy with failures and restarts marked",
+        description="Loss (and eval accuracy, right axis) over global steps from metrics.jsonl, "
+                    "every attempt, with a line at each failure and at the step each restart "
+                    "resumed from. Needs matplotlib: pip install 'paddlerun[plot]'.")
+    plot.add_argument("run_dir", metavar="RUN_DIR")
+    plot.add_argument("-o", "--output", metavar="FILE.png", help="default: RUN_DIR/plot.png")
+    plot.set_defaults(handler=cmd_plot)
+
+    ckpt = sub.add_parser("ckpt", help="list, verify, digest or export snapshots",
+                          description=f"Look into snapshots. PATH is {PATH_HELP}.")
+    commands = ckpt.add_subparsers(dest="ckpt_command", required=True,
+                                   metavar="{list,verify,digest,export}")
+    listing = commands.add_parser(
+        "list", help="snapshots with step, epoch, time, size and state",
+        description="Every snapshot (step-* directory) with step, epoch, creation time, size, "
+                    "files, why it was taken, its state (complete / corrupt / incomplete) and, "
+                    "for a bad one, the problem naming the bad file. States come from the "
+                    "manifest and file sizes; --verify also checks every sha256.")
+    listing.add_argument("path", metavar="PATH", help=PATH_HELP)
+    listing.add_argument("--json", action="store_true", help="print a JSON list")
+    listing.add_argument("--verify", action="store_true",
+                         help="also check every file's sha256 (reads every byte)")
+    verify = commands.add_parser(
+        "verify", help="exit 0 only if the snapshot is intact",
+        description="Check every file of a snapshot against its manifest (size and sha256; JSON "
+                    "parses; safetensors headers fit their data). Exit 0 with one OK line only "
+                    "if intact; otherwise exit 1 naming the bad file and the reason. Given a "
+                    "checkpoints or run dir, verifies the NEWEST snapshot, complete or not "
+                    "(not the newest complete one), and when it is bad says which older "
+                    "complete snapshot a restart would resume from, if any.")
+    verify.add_argument("path", metavar="PATH", help=PATH_HELP)
+    digest = commands.add_parser(
+        "digest", help="sha256 of the model parameters",
+        description="Print the parameter digest of a snapshot's model (the value summary.json's "
+                    "\"digest\" holds for the final model). Given a checkpoints or run dir: "
+                    "its newest complete snapshot.")
+    digest.add_argument("path", metavar="PATH", help=PATH_HELP)
+    export = commands.add_parser(
+        "export", help=".pdparams/.pdopt for paddle.Model.load",
+        description="Write OUT_PREFIX.pdparams (model state dict) and OUT_PREFIX.pdopt "
+                    "(optimizer state, with LR_Scheduler) from a snapshot, in paddle.save's "
+                    "format, for paddle.Model(net).load(OUT_PREFIX) or paddle.load. Given a "
+                    "checkpoints or run dir: its newest complete snapshot. Optimizer state is "
+                    "keyed by paddle's parameter names (e.g. linear_0.w_0_moment1_0): load it "
+                    "into a model built the same way, as with any .pdopt.")
+    export.add_argument("path", metavar="PATH", help=PATH_HELP)
+    export.add_argument("out_prefix", metavar="OUT_PREFIX", help="e.g. exported/lenet")
+    ckpt.set_defaults(handler=cmd_ckpt)
+
+
+def no_script_args(command: str, script_args: List[str]) -> None:
+    if script_args:
+        raise UsageError(f"'--' passes arguments to a training script; "
+                         f"`paddlerun {command}` takes none")
+
+
+def cmd_status(args, script_args: List[str]) -> int:
+    no_script_args("status", script_args)
+    from paddlerun.launcher import status_cmd
+    return printing(status_cmd.run, args)
+
+
+def cmd_plot(args, script_args: List[str]) -> int:
+    no_script_args("plot", script_args)
+    from paddlerun.launcher import plot_cmd
+    return printing(plot_cmd.run, args)
+
+
+def cmd_ckpt(args, script_args: List[str]) -> int:
+    no_script_args("ckpt", script_args)
+    from paddlerun.launcher import ckpt_cmd
+    return printing(ckpt_cmd.run, args)
+
+
+def printing(command, args) -> int:
+    """Run a command whose output may go to a pipe that closes early (``| head``)."""
+    try:
+        return command(args)
+    except BrokenPipeError:
+        # As the Python docs advise: point stdout at devnull so that the flush at exit
+        # does not raise again, and exit non-zero without a traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return FAILED
 
 
 # ---------------------------------------------------------------- run
