@@ -20,7 +20,8 @@ from paddlerun.trainer.config import Config
 
 CPU_WORKERS_DEFAULT = 2
 _SCRUBBED_PREFIXES = ("PADDLE_", "POD_", "PADDLERUN_")
-_KEPT = ("PADDLERUN_LOG_LEVEL",)
+# Kept: the log level, and the test-only fault injection points (PADDLERUN_TEST_*).
+_KEPT = ("PADDLERUN_LOG_LEVEL", "PADDLERUN_TEST_")
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ class LaunchSpec:
 def scrub(base: Mapping[str, str]) -> Dict[str, str]:
     """``base`` without the variables that would silently override the launch's flags."""
     return {k: v for k, v in base.items()
-            if k in _KEPT or not k.startswith(_SCRUBBED_PREFIXES)}
+            if k.startswith(_KEPT) or not k.startswith(_SCRUBBED_PREFIXES)}
 
 
 def worker_script() -> Path:

@@ -9,6 +9,7 @@ a peer's death, so it is the root cause only when nothing else explains the fail
 from __future__ import annotations
 
 import re
+import signal
 import socket
 import time
 from pathlib import Path
@@ -16,16 +17,18 @@ from typing import Dict, Mapping, Optional, Sequence
 
 from paddlerun.launcher.process_tree import describe_exit
 from paddlerun.launcher.restart_policy import Failure
-from paddlerun.trainer.errors import read_errors
+from paddlerun.trainer.errors import PEER_FAILURE_TEXT, read_errors
 
 _CONTAINER_FAILED = re.compile(r"Container rank (\d+) status failed .*? code (-?\d+)")
 LOG_TAIL_LINES = 20
 
 
 def diagnose(kind: str, run_dir: Path, attempt: int, log_dir: Path, beats: Mapping,
-             returncode: Optional[int] = None, dead: Sequence[int] = (),
-             reasons: Optional[Dict[int, str]] = None) -> Failure:
-    now = time.time()
+             returncode: Optional[int] = None, dead: Optional[Dict[int, Optional[int]]] = None,
+             reasons: Optional[Dict[int, str]] = None, noticed_at: Optional[float] = None) -> Failure:
+    """``dead``: rank -> return code (None if unknown) of workers seen dead."""
+    now = noticed_at or time.time()
+    dead = dead or {}
     progressed = any(hb.phase != "init" for hb in beats.values())
     errors = read_errors(run_dir, attempt)
     primary = sorted((e for e in errors.values() if not e.get("peer_failure")), key=lambda e: e["time"])
@@ -48,11 +51,12 @@ def diagnose(kind: str, run_dir: Path, attempt: int, log_dir: Path, beats: Mappi
     if kind == "hang" and reasons:
         rank = min(reasons)
         return from_rank("hang", rank, f"rank {rank} hung: {reasons[rank]}")
-    killed = [r for r, code in launcher_codes.items() if code < 0]
+    killed = {r: code for r, code in launcher_codes.items() if code < 0}
     if dead or killed:
-        rank = min(dead) if dead else min(killed)
-        code = launcher_codes.get(rank)
-        how = describe_exit(code) if code is not None else "died (its exit status was not reported)"
+        candidates = {**killed, **{r: c if c is not None else killed.get(r) for r, c in dead.items()}}
+        rank = min(candidates, key=lambda r: (died_of_peer(log_dir, r, candidates[r]), r))
+        code = candidates[rank]
+        how = describe_exit(code) if code is not None else "died (its exit status was not seen)"
         return from_rank("worker_died", rank, f"rank {rank} {how}")
     if launcher_codes:
         rank = min(launcher_codes)
@@ -63,6 +67,13 @@ def diagnose(kind: str, run_dir: Path, attempt: int, log_dir: Path, beats: Mappi
     return Failure(attempt, now, "launch_exit", f"the launch process {what}",
                    host=socket.gethostname(), detail=log_tail(log_dir / "launch.log"),
                    progressed=progressed)
+
+
+def died_of_peer(log_dir: Path, rank: int, code: Optional[int]) -> bool:
+    """A worker that aborted because a collective lost its peer: gloo throws through C++
+    (``gloo::TimeoutException``, SIGABRT). A consequence, not the root cause."""
+    tail = log_tail(log_dir / f"workerlog.{rank}", lines=40)
+    return code == -signal.SIGABRT or "gloo::" in tail or any(t in tail for t in PEER_FAILURE_TEXT)
 
 
 def launcher_reports(path: Path) -> Dict[int, int]:

@@ -66,6 +66,9 @@ TERMINAL = {State.SUCCEEDED, State.GAVE_UP, State.PREEMPTED}
 POLL_S = 0.1
 #: SIGTERM -> SIGKILL grace when tearing a failed attempt down.
 TEARDOWN_TERM_S = 5.0
+#: After a worker died: how long paddle's launcher gets to stop the others itself (it
+#: SIGTERMs them ~1 s after the death and SIGKILLs 3 s later; PADDLE_NOTES.md).
+LAUNCH_EXIT_GRACE_S = 6.0
 
 
 class RunDirBusy(RuntimeError):
@@ -88,7 +91,7 @@ class Supervisor:
         self.signals: List[int] = []
         self.events: Optional[EventLog] = None
         self._log_pos = 0
-        self._dead_noticed: Dict[int, float] = {}
+        self._dead: Dict[int, tuple] = {}
         self._pending: Optional[Failure] = None
         self._lock: Optional[FileLock] = None
         self._backoff_until = 0.0
@@ -157,7 +160,7 @@ class Supervisor:
         env = self.spec.env(self.attempt, restarts=len(self.failures),
                             tty=self.stream.isatty() if hasattr(self.stream, "isatty") else False)
         self.tree = ProcessTree(argv, env=env, stdout=launch_log, stderr=launch_log)
-        self._dead_noticed.clear()
+        self._dead.clear()
         try:
             self.tree.start()
         except OSError as e:
@@ -195,12 +198,17 @@ class Supervisor:
                     return State.SUCCEEDED
                 self._pending = self._diagnose("launch_exit", beats, returncode=returncode)
                 return State.FAILED
-            dead = dead_ranks(local)
-            if dead:
-                # Give a dying worker's error file (or the launcher's report) a moment to appear.
-                first_seen = self._dead_noticed.setdefault(min(dead), now)
+            for rank, code in dead_ranks(local).items():
+                seen = self._dead.setdefault(rank, (now, code))
+                if seen[1] is None and code is not None:
+                    self._dead[rank] = (seen[0], code)
+            if self._dead:
+                # Give a dying worker's error file a moment to appear.
+                first_seen = min(t for t, _ in self._dead.values())
                 if now - first_seen >= 2 * POLL_S:
-                    self._pending = self._diagnose("worker_died", beats, dead=dead)
+                    self._pending = self._diagnose(
+                        "worker_died", beats, noticed_at=first_seen,
+                        dead={rank: code for rank, (_, code) in self._dead.items()})
                     return State.FAILED
             stale = stale_ranks(beats, now, hang_timeout)
             # Single node: every rank must have beaten once within the hang timeout.
@@ -215,9 +223,13 @@ class Supervisor:
 
     def _fail(self) -> State:
         failure = self._pending
-        self._teardown("failure")
         self.failures.append(failure)
         self._emit("worker_failed", **failure_details(failure))
+        if failure.kind == "worker_died":
+            # The launcher stops the other workers itself within a few seconds; meanwhile a
+            # survivor may be writing its emergency snapshot, which a teardown would cut short.
+            self._wait_for_launch_exit(LAUNCH_EXIT_GRACE_S)
+        self._teardown("failure")
         self._print_report(failure)
         if self.signals:
             return State.PREEMPTED
@@ -263,6 +275,12 @@ class Supervisor:
         return State.PREEMPTED
 
     # ------------------------------------------------------------ helpers
+
+    def _wait_for_launch_exit(self, timeout_s: float) -> None:
+        deadline = time.time() + timeout_s
+        while self.tree.poll() is None and time.time() < deadline and len(self.signals) < 2:
+            self._forward_launch_output()
+            time.sleep(POLL_S)
 
     def _teardown(self, why: str) -> None:
         killed = self.tree.close(TEARDOWN_TERM_S)
@@ -345,21 +363,37 @@ class Supervisor:
         write_json_atomic(path, summary)
 
 
-def dead_ranks(beats) -> List[int]:
-    """Ranks whose process is gone (or a zombie) without having said it was done."""
-    dead = []
+def dead_ranks(beats) -> Dict[int, Optional[int]]:
+    """Ranks whose process is gone or a zombie without having said it was done, with the
+    return code when it can still be read (negative: killed by that signal)."""
+    dead: Dict[int, Optional[int]] = {}
     for rank, hb in beats.items():
         if hb.phase == "done":
             continue
         try:
             proc = psutil.Process(hb.pid)
-            alive = abs(proc.create_time() - hb.create_time) < 0.01 and \
-                proc.status() != psutil.STATUS_ZOMBIE
+            if abs(proc.create_time() - hb.create_time) >= 0.01:
+                dead[rank] = None  # the pid was reused: the worker is long gone
+            elif proc.status() == psutil.STATUS_ZOMBIE:
+                dead[rank] = zombie_returncode(hb.pid)
         except psutil.Error:
-            alive = False
-        if not alive:
-            dead.append(rank)
-    return sorted(dead)
+            dead[rank] = None
+    return dead
+
+
+def zombie_returncode(pid: int) -> Optional[int]:
+    """A zombie's exit status, from /proc/PID/stat's exit_code field (Linux >= 3.5).
+
+    The workers are the launch process's children, not ours, so waitpid cannot tell us
+    how one died; until its parent reaps it, the kernel still can.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        status = int(fields[49])
+    except (OSError, IndexError, ValueError):
+        return None
+    return -(status & 0x7F) if status & 0x7F else status >> 8
 
 
 def failure_details(f: Failure) -> dict:

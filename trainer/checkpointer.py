@@ -77,10 +77,12 @@ class Checkpointer:
         self._error: Optional[BaseException] = None
         self.last_save_time = time.time()
         self.last_saved_step: Optional[int] = None
-        #: Test-only pause point "STEP:SECONDS": sleep between writing that step's files and
-        #: committing them, so a test can kill the writer in the middle of a persist.
+        #: Test-only pause point "STEP:SECONDS": in a run's first attempt, sleep between
+        #: writing that step's files and committing them, so a test can kill the writer
+        #: in the middle of a persist.
         step, _, seconds = os.environ.get("PADDLERUN_TEST_PAUSE_BEFORE_COMMIT", "").partition(":")
-        self._pause_before_commit = (int(step), float(seconds)) if seconds else None
+        self._pause_before_commit = (int(step), float(seconds)) if seconds and env.attempt == 0 \
+            else None
 
     # ------------------------------------------------------------ schedule
 
@@ -149,7 +151,8 @@ class Checkpointer:
         if not self.sharded:
             staging.write_tensors(OPTIMIZER_FILE, c.optimizer)
         staging.write_json(STATE_FILE, c.trainer_state)
-        if self._pause_before_commit and self._pause_before_commit[0] == c.step:
+        if self._pause_before_commit and self._pause_before_commit[0] == c.step \
+                and c.reason != "emergency":
             time.sleep(self._pause_before_commit[1])
         shards = [shard_file(r) for r in range(self.env.world_size)] if self.sharded else []
         path = self.store.commit(staging, meta={
@@ -223,6 +226,7 @@ class Checkpointer:
         """
         from paddlerun.trainer.loop import Position
         candidates = [info.path for info in reversed(self.store.snapshots()) if info.complete]
+        log.info("snapshots found: %s", [p.name for p in candidates])
         if not candidates and resume_from:
             candidates = [resolve_snapshot(resume_from)]
         for path in candidates:
@@ -244,9 +248,8 @@ class Checkpointer:
             tstate.restore_optimizer(trainer.optimizer, optimizer, state["optimizer_extra"])
             tstate.restore_rng(state["rng"])
             self.last_saved_step = state["step"]
-            if self.env.rank == 0:
-                log.info("resumed from %s: step %d, epoch %d, batch %d", path, state["step"],
-                         state["epoch"], state["batch"])
+            log.info("resumed from %s: step %d, epoch %d, batch %d", path, state["step"],
+                     state["epoch"], state["batch"])
             return Position(step=state["step"], epoch=state["epoch"], batch=state["batch"])
         if candidates:
             log.warning("no usable snapshot in %s: starting from scratch", self.store.directory)

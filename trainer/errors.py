@@ -20,13 +20,13 @@ NOT_RETRIABLE = ("ConfigError", "FactoryError", "StateMismatch", "FileNotFoundEr
 
 
 # What gloo raises in a survivor when a peer died or stopped answering (PADDLE_NOTES.md).
-_PEER_FAILURE_TEXT = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+PEER_FAILURE_TEXT = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
                       "TIMEOUT", "Timed out", "timed out", "Connection refused")
 
 
 def is_peer_failure(exc: BaseException) -> bool:
     """A collective that failed because of another rank: a consequence, not a root cause."""
-    return isinstance(exc, (RuntimeError, OSError)) and any(t in str(exc) for t in _PEER_FAILURE_TEXT)
+    return isinstance(exc, (RuntimeError, OSError)) and any(t in str(exc) for t in PEER_FAILURE_TEXT)
 
 
 def error_dir(run_dir: Path, attempt: int) -> Path:

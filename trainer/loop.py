@@ -28,6 +28,7 @@ from paddlerun.trainer.metrics import MetricsLog, write_json_atomic
 from paddlerun.trainer.progress import Progress, Throughput
 from paddlerun.trainer.sampler import ResumableBatchSampler, shard_indices
 from paddlerun.trainer.errors import is_peer_failure
+from paddlerun.trainer.grad_sync import GradientSync, broadcast_parameters
 from paddlerun.trainer.heartbeat import lowest_live_rank
 from paddlerun.trainer.signals import ignoring_sigterm
 from paddlerun.trainer.state import model_arrays, rng_state
@@ -76,9 +77,18 @@ class Trainer:
             dist.init_parallel_env()
 
         self.layer = factories.build_model(self.train)
-        self.model = paddle.DataParallel(self.layer) if env.world_size > 1 else self.layer
+        self.model = self.layer
+        self.grad_sync = None
+        if env.world_size > 1:
+            if self.uses_python_grad_sync():
+                broadcast_parameters(self.layer)
+                self.grad_sync = GradientSync(self.layer.parameters(), env.world_size)
+            else:
+                self.model = paddle.DataParallel(self.layer)
+        self._init_progress()
         self.train_data = factories.build_dataset(self.train, "train")
         self.eval_data = factories.build_dataset(self.train, "eval")
+        self._init_progress()
         if self.is_rank0:
             log.info("data: %s", getattr(self.train_data, "source", type(self.train_data).__name__))
         self.sampler = ResumableBatchSampler(
@@ -99,15 +109,26 @@ class Trainer:
         self._emergency_enabled = checkpointer is not None and env.world_size > 1
         self._rng_before_step = None
 
+    def _init_progress(self) -> None:
+        """Start-up is slow (data, rendezvous, restore): each stage counts as progress."""
+        if self.heartbeat is not None:
+            self.heartbeat.set_phase("init")
+
+    def uses_python_grad_sync(self) -> bool:
+        mode = self.train.grad_sync
+        return mode == "python" or (mode == "auto" and not self.device.startswith("gpu"))
+
     # ------------------------------------------------------------ the loop
 
     def fit(self) -> Dict:
         """Train to ``total_steps`` (or until a stop is agreed); returns the summary."""
         started = time.time()
         if self.checkpointer is not None:
+            self._init_progress()
             restored = self.checkpointer.restore(self, self.config.checkpoint.resume_from)
             if restored is not None:
                 self.position = restored
+            self._init_progress()
         self.start_step = self.position.step
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl") if self.is_rank0 else None
         self.progress = Progress(self.train.epochs, self.sampler.batches_per_epoch,
@@ -161,6 +182,8 @@ class Trainer:
         outputs = self.model(inputs)
         loss = self.loss_fn(outputs, labels)
         loss.backward()
+        if self.grad_sync is not None:
+            self.grad_sync()
         self.optimizer.step()
         self.optimizer.clear_grad()
         if isinstance(self.lr, paddle.optimizer.lr.LRScheduler):
@@ -209,8 +232,13 @@ class Trainer:
         last completed step, so the crash costs only the step in flight."""
         if self.checkpointer is None or self.env.world_size == 1 or not is_peer_failure(error):
             return
-        if lowest_live_rank(self.run_dir / "heartbeats", self.env.rank) != self.env.rank:
-            return
+        # A peer that just died may not look dead for a moment: ask again for a little while.
+        deadline = time.time() + 1.0
+        while lowest_live_rank(self.run_dir / "heartbeats", self.env.rank) != self.env.rank:
+            if time.time() > deadline:
+                log.info("a lower rank is alive and writes the emergency snapshot")
+                return
+            time.sleep(0.05)
         rng = self._rng_before_step or rng_state()
         with ignoring_sigterm():
             try:

@@ -15,7 +15,8 @@ from paddlerun.trainer.loop import Trainer
 def run_worker(config: Config, env: WorkerEnv, run_dir: Path, heartbeat=None) -> Dict:
     signals.install_stop_handler()
     checkpoint_dir = env.checkpoint_dir or Path(config.checkpoint.dir or run_dir / "checkpoints")
-    events = EventLog(run_dir / "events.jsonl") if env.rank == 0 else None
+    # Any rank may commit (an emergency snapshot after rank 0 died), so every rank can emit.
+    events = EventLog(run_dir / "events.jsonl")
     checkpointer = Checkpointer(config, env, checkpoint_dir, run_dir,
                                 sharded=config.train.sharded_optimizer, events=events)
 

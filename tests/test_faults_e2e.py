@@ -1,0 +1,176 @@
+"""The failure model with real signals, the real launcher and 2 CPU workers.
+
+Each fault ends with exit 0, the failure and the restart in events.jsonl, the same
+final digest as an uninterrupted run, and no process of the run left alive.
+"""
+import json
+import os
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+
+from helpers import (REPO, assert_no_leftovers, events, heartbeat, kill_session, run, start,
+                     summary, wait_for)
+
+pytestmark = pytest.mark.slow
+
+TOTAL = "train.max_steps=150"
+KEEP_ALL = "checkpoint.keep_every_steps=1"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("reference")
+    result = run(run_dir, TOTAL)
+    assert result.returncode == 0, result.stdout[-5000:]
+    return summary(run_dir)["digest"]
+
+
+def finish(proc, run_dir, timeout=300):
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_session(proc)
+        out, _ = proc.communicate(timeout=30)
+        raise AssertionError(f"did not finish:\n{out[-5000:]}")
+    assert_no_leftovers(run_dir)
+    return proc.returncode, out
+
+
+def worker_pid_at_step(run_dir, rank, step, timeout=120):
+    def ready():
+        hb = heartbeat(run_dir, rank)
+        return hb and hb["step"] >= step and hb["phase"] == "train" and hb["pid"]
+    return wait_for(ready, timeout, f"rank {rank} to pass step {step}")
+
+
+def kinds(run_dir):
+    return [e["event"] for e in events(run_dir)]
+
+
+def assert_recovered(run_dir, out, code, reference):
+    assert code == 0, out[-6000:]
+    names = kinds(run_dir)
+    assert "worker_failed" in names and "restarting" in names and names[-1] == "succeeded", names
+    s = summary(run_dir)
+    assert s["status"] == "succeeded" and s["restarts"] >= 1
+    assert s["digest"] == reference
+
+
+@pytest.mark.parametrize("rank", [1, 0])
+def test_sigkill_of_a_worker(tmp_path, reference, rank):
+    proc = start(tmp_path, TOTAL, KEEP_ALL)
+    pid = worker_pid_at_step(tmp_path, rank, 25)
+    os.kill(pid, signal.SIGKILL)
+    killed_at = time.time()
+    code, out = finish(proc, tmp_path)
+    assert_recovered(tmp_path, out, code, reference)
+    failed = next(e for e in events(tmp_path) if e["event"] == "worker_failed")
+    assert failed["rank"] == rank and failed["cause"] == f"rank {rank} killed by SIGKILL", failed
+    assert failed["failed_at"] - killed_at < 1.5, "noticed within a second or so"
+    # The survivor saved the last completed step: at most the step in flight is redone.
+    emergency = [e for e in events(tmp_path) if e["event"] == "snapshot_committed"
+                 and e["reason"] == "emergency"]
+    assert emergency, kinds(tmp_path)
+    resumed = [line for line in out.splitlines() if "resumed from" in line]
+    assert resumed and f"step-{emergency[0]['step']:08d}" in resumed[-1]
+
+
+def test_emergency_snapshot_equals_a_scheduled_one(tmp_path, tmp_path_factory):
+    faulted = tmp_path / "faulted"
+    proc = start(faulted, TOTAL, KEEP_ALL)
+    os.kill(worker_pid_at_step(faulted, 1, 25), signal.SIGKILL)
+    code, out = finish(proc, faulted)
+    assert code == 0, out[-5000:]
+    step = next(e["step"] for e in events(faulted) if e.get("reason") == "emergency")
+    clean = tmp_path / "clean"
+    assert run(clean, f"train.max_steps={step}").returncode == 0
+    a = faulted / "checkpoints" / f"step-{step:08d}"
+    b = clean / "checkpoints" / f"step-{step:08d}"
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    state_a, state_b = (json.loads((d / "trainer_state.json").read_text()) for d in (a, b))
+    for volatile in ("time", "reason", "attempt"):
+        state_a.pop(volatile), state_b.pop(volatile)
+    assert state_a == state_b
+
+
+def test_sigkill_of_the_launch_process(tmp_path, reference):
+    proc = start(tmp_path, TOTAL)
+    worker_pid_at_step(tmp_path, 0, 25)
+    launch_pid = next(e["pid"] for e in events(tmp_path) if e["event"] == "started")
+    workers = [heartbeat(tmp_path, r)["pid"] for r in (0, 1)]
+    os.kill(launch_pid, signal.SIGKILL)
+    code, out = finish(proc, tmp_path)
+    assert_recovered(tmp_path, out, code, reference)
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                   for p in workers), "the orphaned workers were killed"
+
+
+def test_sigstop_of_a_worker_is_a_hang(tmp_path, reference):
+    proc = start(tmp_path, TOTAL, "supervisor.hang_timeout_s=6")
+    pid = worker_pid_at_step(tmp_path, 1, 25)
+    os.kill(pid, signal.SIGSTOP)
+    stopped_at = time.time()
+    code, out = finish(proc, tmp_path)
+    assert_recovered(tmp_path, out, code, reference)
+    hang = next(e for e in events(tmp_path) if e["event"] == "hang_detected")
+    assert "1" in hang["ranks"]
+    assert hang["time"] - stopped_at < 6 + 2 * 0.25 + 1.0
+
+
+def test_sigkill_in_the_middle_of_a_persist(tmp_path, reference):
+    proc = start(tmp_path, TOTAL, "checkpoint.async=false",
+                 env={"PADDLERUN_TEST_PAUSE_BEFORE_COMMIT": "30:20"})
+    staging = tmp_path / "checkpoints" / ".staging-step-00000030"
+    wait_for(lambda: (staging / "model.safetensors").exists(), 120, "the persist of step 30")
+    listed = subprocess.run(["paddlerun", "ckpt", "list", str(tmp_path), "--json"],
+                            capture_output=True, text=True, timeout=60)
+    assert 30 not in [s["step"] for s in json.loads(listed.stdout)], "no reader sees it"
+    os.kill(heartbeat(tmp_path, 0)["pid"], signal.SIGKILL)
+    code, out = finish(proc, tmp_path)
+    assert_recovered(tmp_path, out, code, reference)
+    assert "stale" in out and ".staging-step-00000030" in out, "the leftover is cleaned, with a warning"
+    assert not staging.exists()
+
+
+def test_sigterm_to_the_supervisor_then_rerun(tmp_path, reference):
+    proc = start(tmp_path, TOTAL)
+    worker_pid_at_step(tmp_path, 0, 25)
+    os.kill(proc.pid, signal.SIGTERM)
+    code, out = finish(proc, tmp_path, timeout=120)
+    assert code == 75, out[-5000:]
+    preempted = next(e for e in events(tmp_path) if e["event"] == "preempted")
+    assert preempted["clean"], preempted
+    saved = [e for e in events(tmp_path) if e.get("reason") == "preempted"]
+    assert saved, "a snapshot was taken on the way out"
+    again = run(tmp_path, TOTAL)
+    assert again.returncode == 0, again.stdout[-5000:]
+    assert f"step-{saved[0]['step']:08d}" in again.stdout
+    assert summary(tmp_path)["digest"] == reference
+    assert_no_leftovers(tmp_path)
+
+
+def test_a_worker_that_fails_on_every_start_gives_up_with_the_root_cause(tmp_path):
+    started = time.time()
+    result = run(tmp_path, "train.dataset=broken_factories:unreachable_dataset",
+                 "supervisor.max_restarts=5", timeout=180,
+                 env={"PYTHONPATH": str(REPO / "tests")})
+    assert result.returncode == 1
+    assert "RuntimeError: dataset server unreachable" in result.stdout
+    assert "giving up: 2 attempts in a row failed the same way before their first step" in result.stdout
+    assert 'raise RuntimeError("dataset server unreachable")' in result.stdout, "the traceback"
+    assert kinds(tmp_path).count("started") == 2 and kinds(tmp_path)[-1] == "gave_up"
+    assert summary(tmp_path)["status"] == "gave_up"
+    assert time.time() - started < 90
+    assert_no_leftovers(tmp_path)
+
+
+def test_an_import_error_is_not_retried(tmp_path):
+    result = run(tmp_path, "train.model=no_such_module:build", timeout=120)
+    assert result.returncode == 1
+    assert "cannot import module 'no_such_module'" in result.stdout
+    assert kinds(tmp_path).count("started") == 1
