@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from paddlerun.launcher import preflight
 from paddlerun.launcher.exit_codes import BAD_CONFIG, FAILED
 from paddlerun.launcher.usage import UsageError
 from paddlerun.trainer.config import Config, ConfigError, config_from_dict, load_config
@@ -185,6 +186,7 @@ def cmd_run(args, script_args: List[str]) -> int:
     elif script_args:
         raise UsageError("arguments after '--' are for --script mode only")
     check_paddle_installed(config)
+    preflight.check(config)
     spec = LaunchSpec(config=config, run_dir=run_dir, script=script, script_args=tuple(script_args))
     return Supervisor(spec).run()
 

@@ -337,9 +337,6 @@ class Supervisor:
             return exit_codes.SUCCESS
         if self.state is State.PREEMPTED:
             return exit_codes.INTERRUPTED if self.signals[0] == signal.SIGINT else exit_codes.REQUEUE
-        if self.failures and not self.failures[-1].retriable and self.failures[-1].kind == "error" \
-                and "Config" in self.failures[-1].cause.split(":")[0]:
-            return exit_codes.BAD_CONFIG
         return exit_codes.FAILED
 
     def _write_summary(self) -> None:

@@ -74,3 +74,13 @@ def test_config_hash_ignores_budgets_but_not_the_model(tmp_path):
     longer = load_config("configs/mnist_lenet.yaml", ["train.max_steps=99", "train.epochs=9"])
     other = load_config("configs/mnist_lenet.yaml", ["train.lr=0.5"])
     assert base.hash() == longer.hash() != other.hash()
+
+
+def test_builtin_factory_names_match_their_implementations():
+    from paddlerun.trainer import factories
+    from paddlerun.trainer.config import BUILTIN_FACTORIES
+    assert tuple(factories.OPTIMIZERS) == BUILTIN_FACTORIES["optimizer"]
+    assert tuple(factories.LR_SCHEDULES) == BUILTIN_FACTORIES["lr_schedule"]
+    assert tuple(factories.LOSSES) == BUILTIN_FACTORIES["loss"]
+    assert tuple(factories._model_builtins()) == BUILTIN_FACTORIES["model"]
+    assert tuple(factories._dataset_builtins()) == BUILTIN_FACTORIES["dataset"]

@@ -169,8 +169,18 @@ def test_a_worker_that_fails_on_every_start_gives_up_with_the_root_cause(tmp_pat
     assert_no_leftovers(tmp_path)
 
 
-def test_an_import_error_is_not_retried(tmp_path):
+def test_an_import_error_is_refused_before_any_worker_starts(tmp_path):
     result = run(tmp_path, "train.model=no_such_module:build", timeout=120)
+    assert result.returncode == 2
+    assert "train.model: cannot import 'no_such_module'" in result.stdout
+    assert not (tmp_path / "logs").exists()
+
+
+def test_an_import_error_inside_the_worker_is_not_retried(tmp_path):
+    # The package exists (the supervisor's check passes); the attribute does not.
+    result = run(tmp_path, "train.model=broken_factories:no_such_model", timeout=180,
+                 env={"PYTHONPATH": str(REPO / "tests")})
     assert result.returncode == 1
-    assert "cannot import module 'no_such_module'" in result.stdout
+    assert "module 'broken_factories' has no attribute 'no_such_model'" in result.stdout
+    assert "giving up: not retriable" in result.stdout
     assert kinds(tmp_path).count("started") == 1

@@ -20,6 +20,17 @@ from typing import Any, Optional, Union
 import yaml
 
 
+#: train.* keys that take a built-in name or an import string, and their built-ins
+#: (implemented in trainer/factories.py, which checks it covers exactly these).
+BUILTIN_FACTORIES = {
+    "model": ("lenet",),
+    "dataset": ("mnist",),
+    "optimizer": ("adam", "adamw", "sgd", "momentum"),
+    "lr_schedule": ("constant", "cosine", "step"),
+    "loss": ("cross_entropy",),
+}
+
+
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the key or path and the fix."""
 

@@ -13,9 +13,10 @@ from paddlerun.trainer.errors import write_error
 from paddlerun.trainer.heartbeat import HeartbeatWriter
 
 
-def setup_logging(rank: int) -> None:
+def setup_logging(rank: int, attempt: int) -> None:
     logging.basicConfig(level=os.environ.get("PADDLERUN_LOG_LEVEL", "INFO"), stream=sys.stdout,
-                        format=f"%(asctime)s rank {rank} %(levelname)s %(name)s: %(message)s",
+                        format=f"%(asctime)s rank {rank} attempt {attempt} %(levelname)s %(name)s: "
+                               f"%(message)s",
                         datefmt="%H:%M:%S", force=True)
 
 
@@ -26,7 +27,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     env = WorkerEnv.from_environ()
     run_dir = Path(args.run_dir)
-    setup_logging(env.rank)
+    setup_logging(env.rank, env.attempt)
     log = logging.getLogger("paddlerun.worker")
     # Before importing paddle, so that a slow import shows as phase "init", not silence.
     heartbeat = HeartbeatWriter(run_dir / "heartbeats", env.rank, env.heartbeat_interval_s,
