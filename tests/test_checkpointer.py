@@ -1,0 +1,127 @@
+"""The worker-side Checkpointer in one process: async persist, its errors, restore."""
+import dataclasses
+import os
+import time
+
+import numpy as np
+import paddle
+import pytest
+
+from paddlerun.trainer import state as tstate
+from paddlerun.trainer.checkpoint import CheckpointError, CheckpointStore
+from paddlerun.trainer.checkpointer import Checkpointer
+from paddlerun.trainer.config import Config
+from paddlerun.trainer.env import WorkerEnv
+from paddlerun.trainer.loop import Position
+
+
+@dataclasses.dataclass
+class Fake:
+    """What Checkpointer reads from a trainer."""
+    layer: paddle.nn.Layer
+    optimizer: object
+    train: object
+    position: Position
+
+
+def make(tmp_path, **checkpoint):
+    config = Config()
+    config = dataclasses.replace(config, checkpoint=dataclasses.replace(config.checkpoint, **checkpoint))
+    env = WorkerEnv(rank=0, world_size=1, local_rank=0, nnodes=1, attempt=0, restarts=0,
+                    run_dir=tmp_path, checkpoint_dir=tmp_path / "ckpt", config_path=None, tty=False)
+    paddle.seed(0)
+    with paddle.utils.unique_name.guard():
+        layer = paddle.nn.Linear(8, 4)
+        opt = paddle.optimizer.Adam(learning_rate=0.01, parameters=layer.parameters())
+    trainer = Fake(layer, opt, config.train, Position())
+    return Checkpointer(config, env, tmp_path / "ckpt", tmp_path), trainer
+
+
+def train_step(trainer):
+    loss = trainer.layer(paddle.randn([2, 8])).sum()
+    loss.backward()
+    trainer.optimizer.step()
+    trainer.optimizer.clear_grad()
+    trainer.position.step += 1
+    trainer.position.batch += 1
+
+
+def test_async_save_then_restore_into_a_fresh_model(tmp_path):
+    ckpt, trainer = make(tmp_path)
+    for _ in range(3):
+        train_step(trainer)
+    ckpt.save(trainer)
+    expected = tstate.model_arrays(trainer.layer)
+    moments, _ = tstate.optimizer_arrays(trainer.optimizer)
+    ckpt.close()
+    fresh_ckpt, fresh = make(tmp_path)
+    position = fresh_ckpt.restore(fresh)
+    assert position == Position(step=3, epoch=0, batch=3)
+    got = tstate.model_arrays(fresh.layer)
+    assert all(np.array_equal(got[k], expected[k]) for k in expected)
+    got_moments, _ = tstate.optimizer_arrays(fresh.optimizer)
+    assert set(got_moments) == set(moments)
+    assert all(np.array_equal(got_moments[k], moments[k]) for k in moments)
+    fresh_ckpt.close()
+
+
+def test_capture_is_a_copy_training_may_go_on(tmp_path):
+    ckpt, trainer = make(tmp_path, async_save=True)
+    train_step(trainer)
+    before = tstate.model_arrays(trainer.layer)
+    ckpt.save(trainer)
+    for _ in range(5):  # mutate the live parameters while the persist may still run
+        train_step(trainer)
+    ckpt.wait()
+    info = CheckpointStore(tmp_path / "ckpt").newest_complete()
+    saved = info.read_tensors("model.safetensors")
+    assert all(np.array_equal(saved[k], before[k]) for k in before)
+    ckpt.close()
+
+
+def block_staging(tmp_path, step):
+    """A regular file where the staging directory must go: the persist fails for real."""
+    (tmp_path / "ckpt").mkdir(exist_ok=True)
+    (tmp_path / "ckpt" / f".staging-step-{step:08d}").write_text("in the way")
+
+
+def test_a_failed_async_persist_surfaces_at_the_next_save(tmp_path):
+    ckpt, trainer = make(tmp_path)
+    block_staging(tmp_path, 1)
+    train_step(trainer)
+    ckpt.save(trainer)  # returns at once: the failure happens in the background
+    train_step(trainer)
+    with pytest.raises(CheckpointError, match="persisting a snapshot failed"):
+        ckpt.save(trainer)
+
+
+def test_a_failed_async_persist_surfaces_at_the_end(tmp_path):
+    ckpt, trainer = make(tmp_path)
+    block_staging(tmp_path, 1)
+    train_step(trainer)
+    ckpt.save(trainer)
+    with pytest.raises(CheckpointError, match="persisting a snapshot failed"):
+        ckpt.close()
+
+
+def test_at_most_one_persist_in_flight(tmp_path, monkeypatch):
+    monkeypatch.setenv("PADDLERUN_TEST_PAUSE_BEFORE_COMMIT", "1:1.5")
+    ckpt, trainer = make(tmp_path)
+    train_step(trainer)
+    started = time.time()
+    ckpt.save(trainer)
+    assert time.time() - started < 1.5, "the first save only captures"
+    train_step(trainer)
+    ckpt.save(trainer)  # must wait for step 1's persist to commit first
+    assert time.time() - started >= 1.5
+    steps = [s.step for s in CheckpointStore(tmp_path / "ckpt").snapshots()]
+    assert steps[0] == 1
+    ckpt.close()
+    assert [s.step for s in CheckpointStore(tmp_path / "ckpt").snapshots()] == [1, 2]
+
+
+def test_second_writer_on_the_same_directory_is_refused(tmp_path):
+    first, _ = make(tmp_path)
+    with pytest.raises(CheckpointError, match=f"pid {os.getpid()}"):
+        make(tmp_path)
+    first.close()
