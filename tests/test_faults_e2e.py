@@ -184,3 +184,30 @@ def test_an_import_error_inside_the_worker_is_not_retried(tmp_path):
     assert "module 'broken_factories' has no attribute 'no_such_model'" in result.stdout
     assert "giving up: not retriable" in result.stdout
     assert kinds(tmp_path).count("started") == 1
+
+
+def test_ctrl_c_snapshots_and_exits_130(tmp_path):
+    proc = start(tmp_path, TOTAL, "supervisor.preempt_signals=[SIGUSR1]")
+    worker_pid_at_step(tmp_path, 0, 25)
+    os.kill(proc.pid, signal.SIGINT)
+    code, out = finish(proc, tmp_path, timeout=120)
+    assert code == 130, out[-5000:]
+    assert any(e.get("reason") == "preempted" for e in events(tmp_path)), "snapshot on the way out"
+    assert summary(tmp_path)["status"] == "preempted"
+
+
+def test_a_second_signal_stops_at_once(tmp_path):
+    proc = start(tmp_path, TOTAL, "supervisor.preempt_grace_s=120",
+                 env={"PADDLERUN_TEST_PAUSE_BEFORE_COMMIT": "30:100"})
+    # The persist of step 30 hangs, so the workers cannot finish a snapshot in the grace period.
+    wait_for(lambda: (tmp_path / "checkpoints" / ".staging-step-00000030").exists(), 120,
+             "the stuck persist")
+    os.kill(proc.pid, signal.SIGUSR1)
+    time.sleep(1.0)
+    second = time.time()
+    os.kill(proc.pid, signal.SIGUSR1)
+    code, out = finish(proc, tmp_path, timeout=60)
+    assert code == 75, out[-5000:]
+    assert time.time() - second < 20, "did not wait out the 120 s grace period"
+    preempted = next(e for e in events(tmp_path) if e["event"] == "preempted")
+    assert preempted["how"] == "second signal" and not preempted["clean"]
