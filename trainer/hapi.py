@@ -41,40 +41,30 @@ updates are not in a snapshot).
 
 Script mode (``PADDLERUN_RUN_DIR`` set by the supervisor): the callback also writes
 the rank's heartbeats, rank 0's per-step ``metrics.jsonl`` and ``snapshot_committed``
-events, and honours the supervisor's stop request (snapshot, then end ``fit``). Its
-heartbeats start when it is constructed: construct it before anything slow (the
-supervisor gives a rank ``supervisor.hang_timeout_s`` for its first one).
+events, and honours the supervisor's stop request (snapshot, then end ``fit``), all
+through :mod:`paddlerun.trainer.script_mode`, which a plain loop's
+:class:`~paddlerun.trainer.session.Session` shares. Its heartbeats start when it is
+constructed: construct it before anything slow (the supervisor gives a rank
+``supervisor.hang_timeout_s`` for its first one).
 """
 from __future__ import annotations
 
 import dataclasses
 import time
 import warnings
-from pathlib import Path
-from typing import Any, Optional, Tuple
+from typing import Optional, Tuple
 
 import paddle
-import paddle.distributed as dist
 
-from paddlerun.trainer import control
 from paddlerun.trainer import state as tstate
 from paddlerun.trainer.checkpointer import Checkpointer
-from paddlerun.trainer.config import ConfigError, TrainConfig, config_from_dict
-from paddlerun.trainer.env import CHECKPOINT_DIR, WorkerEnv
-from paddlerun.trainer.events import EventLog
-from paddlerun.trainer.heartbeat import HeartbeatWriter
+from paddlerun.trainer.config import ConfigError, TrainConfig
 from paddlerun.trainer.loop import Position
-from paddlerun.trainer.metrics import MetricsLog
 from paddlerun.trainer.sampler import ResumableBatchSampler
+from paddlerun.trainer.script_mode import (DEFAULT_SEED, CheckpointTarget, SupervisorLink,
+                                           checkpoint_config, checkpoint_directory, script_env)
 
 __all__ = ["Checkpoint"]
-
-#: The sampler's default seed: paddlerun's ``train.seed`` default. It must not change
-#: between restarts, so it is never drawn at random.
-DEFAULT_SEED = TrainConfig.seed
-#: Steps between checks of the supervisor's stop request (a collective when world > 1).
-STOP_CHECK_EVERY = 10
-
 
 class _CountingSampler(ResumableBatchSampler):
     """Counts the epochs it was iterated, so the callback can tell that ``fit`` reads it."""
@@ -84,15 +74,6 @@ class _CountingSampler(ResumableBatchSampler):
     def __iter__(self):
         self.iterations += 1
         yield from super().__iter__()
-
-
-@dataclasses.dataclass
-class _FitTrainer:
-    """What :class:`Checkpointer` reads from a trainer (see ``loop.Trainer``), for a hapi model."""
-    layer: paddle.nn.Layer
-    optimizer: Any
-    train: TrainConfig
-    position: Position = dataclasses.field(default_factory=Position)
 
 
 class Checkpoint(paddle.callbacks.Callback):
@@ -122,32 +103,20 @@ class Checkpoint(paddle.callbacks.Callback):
                  every_seconds: Optional[float] = None, keep_last: int = 3, async_save: bool = True,
                  resume: bool = True, max_steps: Optional[int] = None):
         super().__init__()
-        directory = directory or WorkerEnv.from_environ().checkpoint_dir
-        if not directory:
-            raise ValueError(f"Checkpoint needs a directory: pass Checkpoint(directory=...), or run "
-                             f"under `paddlerun run --script`, which sets {CHECKPOINT_DIR}")
+        self.directory = checkpoint_directory(directory, "Checkpoint")
         if max_steps is not None and max_steps < 1:
             raise ValueError(f"Checkpoint(max_steps={max_steps!r}): must be >= 1 or None")
-        self.directory = Path(directory)
-        # The same validation and messages as a config file's checkpoint section.
-        self.config = config_from_dict({"checkpoint": {
-            "dir": str(self.directory), "every_steps": every_steps, "every_seconds": every_seconds,
-            "keep_last": keep_last, "async_save": async_save}},
-            source="paddlerun.trainer.hapi.Checkpoint(...)")
+        self.config = checkpoint_config(self.directory, "paddlerun.trainer.hapi.Checkpoint(...)",
+                                        every_steps, every_seconds, keep_last, async_save)
         self.by_epoch = every_steps is None and every_seconds is None
         self.resume = resume
         self.max_steps = max_steps
-        self.env = dataclasses.replace(WorkerEnv.from_environ(), rank=dist.get_rank(),
-                                       world_size=dist.get_world_size())
+        self.env = script_env()
         self.run_dir = self.env.run_dir
-        self.heartbeat = None
-        if self.run_dir is not None:  # script mode: the supervisor watches for these
-            self.heartbeat = HeartbeatWriter(self.run_dir / "heartbeats", self.env.rank,
-                                             self.env.heartbeat_interval_s, self.env.attempt).start()
+        self.link = SupervisorLink(self.env)  # script mode: heartbeats from now on
         self.sampler: Optional[_CountingSampler] = None
-        self.trainer: Optional[_FitTrainer] = None
+        self.trainer: Optional[CheckpointTarget] = None
         self.checkpointer: Optional[Checkpointer] = None
-        self._metrics: Optional[MetricsLog] = None
         self._resume_at: Optional[Tuple[int, int]] = None  # (epoch, batch) to continue from
         self._resume_rng = None  # the snapshot's RNG states, set again at the capture point
         self._finished = False  # a resumed run that had already reached max_steps
@@ -191,11 +160,8 @@ class Checkpoint(paddle.callbacks.Callback):
             max_steps=self.max_steps, global_batch_size=self.sampler.global_batch_size,
             drop_last=self.sampler.drop_last, seed=self.sampler.seed)
         config = dataclasses.replace(self.config, train=train)
-        events = None
-        if self.run_dir is not None and self.env.rank == 0:
-            events = EventLog(self.run_dir / "events.jsonl")
-            self._metrics = MetricsLog(self.run_dir / "metrics.jsonl")
-        self.trainer = _FitTrainer(model.network, model._optimizer, train)
+        events = self.link.open_records()
+        self.trainer = CheckpointTarget(model.network, model._optimizer, train)
         self.checkpointer = Checkpointer(config, self.env, self.directory,
                                          run_dir=self.run_dir or self.directory.parent, events=events)
         restored = self._restore() if self.resume else self._refuse_existing()
@@ -208,8 +174,7 @@ class Checkpoint(paddle.callbacks.Callback):
                 model.stop_training = True  # hapi checks it after the (now empty) first epoch
 
     def _restore(self) -> Optional[Position]:
-        if self.heartbeat is not None:
-            self.heartbeat.set_phase("checkpoint")
+        self.link.set_phase("checkpoint")
         restored = self.checkpointer.restore(self.trainer)
         if restored is not None and restored.batch > self.sampler.batches_per_epoch:
             raise tstate.StateMismatch(
@@ -268,8 +233,7 @@ class Checkpoint(paddle.callbacks.Callback):
         self._unskip_eval()
 
     def on_eval_batch_end(self, step, logs=None):
-        if self.heartbeat is not None:
-            self.heartbeat.beat(self.trainer.position.step, "eval")
+        self.link.beat(self.trainer.position.step, "eval")
 
     # ------------------------------------------------------------ steps
 
@@ -284,13 +248,11 @@ class Checkpoint(paddle.callbacks.Callback):
         pos = self.trainer.position
         pos.step += 1
         pos.batch += 1
-        if self.heartbeat is not None:
-            self.heartbeat.beat(pos.step)
-        if self._metrics is not None:
-            self._log_metrics(logs or {})
+        self.link.beat(pos.step)
+        self.link.log_metrics(pos, logs or {}, self.trainer.optimizer)
         if self.max_steps is not None and pos.step >= self.max_steps:
             self._stop("max_steps")
-        elif pos.step % STOP_CHECK_EVERY == 0 and self._stop_agreed():
+        elif self.link.stop_due(pos.step):
             self._stop("preempted")
         ckpt = self.checkpointer
         if ckpt.due_by_steps(pos.step) or (self.env.rank == 0 and ckpt.due_by_time(time.time())):
@@ -302,30 +264,6 @@ class Checkpoint(paddle.callbacks.Callback):
         self._stop_reason = reason
         self.model.num_iters = 1
         self.model.stop_training = True
-
-    def _stop_agreed(self) -> bool:
-        """The supervisor's stop request, as rank 0 sees it; every rank gets the same answer."""
-        if self.run_dir is None:
-            return False
-        flag = float(self.env.rank == 0 and control.stop_requested(self.run_dir))
-        if self.env.world_size > 1:
-            t = paddle.to_tensor([flag], dtype="float32")
-            dist.all_reduce(t)
-            flag = float(t.numpy()[0])
-        return flag > 0
-
-    def _log_metrics(self, logs: dict) -> None:
-        pos = self.trainer.position
-        record = {"step": pos.step, "epoch": pos.epoch}
-        for key, value in logs.items():
-            if key in ("step", "batch_size"):
-                continue
-            value = value[0] if isinstance(value, (list, tuple)) and len(value) == 1 else value
-            if isinstance(value, (int, float)):
-                record[key] = float(value)
-        record.update(lr=float(self.trainer.optimizer.get_lr()), time=time.time(),
-                      attempt=self.env.attempt)
-        self._metrics.append(record)
 
     # ------------------------------------------------------------ snapshots
 
@@ -340,11 +278,9 @@ class Checkpoint(paddle.callbacks.Callback):
             self._save(reason)
 
     def _save(self, reason: str, wait: bool = False) -> None:
-        if self.heartbeat is not None:
-            self.heartbeat.set_phase("checkpoint")
+        self.link.set_phase("checkpoint")
         self.checkpointer.save(self.trainer, reason, wait=wait)
-        if self.heartbeat is not None:
-            self.heartbeat.beat(self.trainer.position.step)
+        self.link.beat(self.trainer.position.step)
 
     def on_train_end(self, logs=None):
         self._unskip_eval()
@@ -353,9 +289,5 @@ class Checkpoint(paddle.callbacks.Callback):
             self._save(self._stop_reason or "final", wait=True)
             self.checkpointer.close()
         finally:
-            if self._metrics is not None:
-                self._metrics.close()
-                self._metrics = None
-        if self.heartbeat is not None:
-            self.heartbeat.stop("done")
-            self.heartbeat = None
+            self.link.close_metrics()
+        self.link.stop_heartbeat("done")
