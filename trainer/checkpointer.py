@@ -25,6 +25,7 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 import paddle
+import paddle.distributed as dist
 
 from paddlerun.trainer import state as tstate
 from paddlerun.trainer.checkpoint import CheckpointError, CheckpointStore, resolve_snapshot
@@ -223,9 +224,23 @@ class Checkpointer:
         The run's own snapshots win over ``resume_from``: after a restart they are newer.
         Candidates are tried newest first; each file is verified (size, sha256) as it is
         read, and a snapshot that fails is skipped with a warning for the next older one.
+        With a sharded optimizer every rank reads a different shard, so every file of every
+        snapshot is hashed first (all ranks then pick the same one) and the ranks check that
+        they resumed from the same step.
         """
+        position = self._restore(trainer, resume_from)
+        if self.sharded and self.env.world_size > 1:
+            _check_same_step_on_every_rank(position.step if position else -1)
+        return position
+
+    def _restore(self, trainer, resume_from: Optional[str]):
         from paddlerun.trainer.loop import Position
-        candidates = [info.path for info in reversed(self.store.snapshots()) if info.complete]
+        candidates = []
+        for info in reversed(self.store.snapshots(verify=self.sharded)):
+            if info.complete:
+                candidates.append(info.path)
+            else:
+                log.warning("skipping snapshot %s (%s): %s", info.path, info.state, info.problem)
         log.info("snapshots found: %s", [p.name for p in candidates])
         if not candidates and resume_from:
             candidates = [resolve_snapshot(resume_from)]
@@ -264,8 +279,27 @@ class Checkpointer:
                                   f"divide among {self.env.world_size} workers")
         if self.sharded and state["world_size"] != self.env.world_size:
             raise tstate.StateMismatch(f"{path}: written by {state['world_size']} ranks with a sharded "
-                                  f"optimizer; resuming it on {self.env.world_size} is not supported")
+                                  f"optimizer; resuming it on {self.env.world_size} is not supported "
+                                  f"(each rank saved only its own shard of the optimizer state): run "
+                                  f"it with {state['world_size']} workers")
         if state["config_hash"] != self.config_hash and self.env.rank == 0:
             log.warning("%s was written with a different train config (hash %s, now %s); "
                         "resuming anyway: the model's shapes are checked next", path,
                         state["config_hash"][:12], self.config_hash[:12])
+
+
+def _check_same_step_on_every_rank(step: int) -> None:
+    """Sharded optimizer: refuse to train on when ranks restored different snapshots (-1: none).
+
+    Each rank reads only its own shard; if one of them could not read it, that rank fell
+    back to an older snapshot while the others did not, and training on would mix steps.
+    """
+    bounds = paddle.to_tensor([step, -step], dtype="int64")
+    dist.all_reduce(bounds, op=dist.ReduceOp.MAX)
+    newest, oldest = bounds.numpy().tolist()
+    oldest = -oldest
+    if newest != oldest:
+        raise CheckpointError(
+            f"the ranks resumed from different snapshots (steps {oldest} to {newest}; -1: none); "
+            f"with a sharded optimizer each rank reads its own shard and one of them failed to "
+            f"read it: see the workers' warnings and run `paddlerun ckpt verify` on the checkpoints")

@@ -20,7 +20,7 @@ import numpy as np
 import paddle
 import paddle.distributed as dist
 
-from paddlerun.trainer import factories
+from paddlerun.trainer import factories, sharding
 from paddlerun.trainer.config import Config
 from paddlerun.trainer.digest import params_digest
 from paddlerun.trainer.env import WorkerEnv
@@ -73,13 +73,19 @@ class Trainer:
         self.heartbeat = heartbeat
         self.device = select_device(config.launch.device, env.local_rank)
         seed_everything(self.train.seed)
-        if env.world_size > 1:
+        # Fleet's sharded optimizer does the gradient reduction itself (trainer/sharding.py).
+        self.sharded = self.train.sharded_optimizer and env.world_size > 1
+        if self.sharded:
+            sharding.init(env.world_size)
+        elif env.world_size > 1:
             dist.init_parallel_env()
 
         self.layer = factories.build_model(self.train)
         self.model = self.layer
         self.grad_sync = None
-        if env.world_size > 1:
+        if self.sharded:
+            self.model = sharding.wrap_model(self.layer)
+        elif env.world_size > 1:
             if self.uses_python_grad_sync():
                 broadcast_parameters(self.layer)
                 self.grad_sync = GradientSync(self.layer.parameters(), env.world_size)
@@ -100,6 +106,8 @@ class Trainer:
         self.total_steps = min(self.train.max_steps or steps_all_epochs, steps_all_epochs)
         self.lr = factories.build_lr(self.train, self.total_steps)
         self.optimizer = factories.build_optimizer(self.train, self.model.parameters(), self.lr)
+        if self.sharded:
+            self.optimizer = sharding.wrap_optimizer(self.optimizer)
         self.loss_fn = factories.build_loss(self.train)
         self.position = Position()
         self.samples_per_step = self.train.global_batch_size
