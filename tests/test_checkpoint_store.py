@@ -567,3 +567,20 @@ def test_the_store_never_imports_paddle():
     code = ("import sys, paddlerun.trainer.checkpoint as c; "
             "assert not any(m.split('.')[0] == 'paddle' for m in sys.modules), 'paddle imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+
+
+def test_commit_replaces_a_same_step_snapshot_whose_content_is_corrupt(tmp_path, caplog):
+    store = CheckpointStore(tmp_path / "ckpt")
+    store.prepare()
+    first = store.stage(5)
+    first.write_bytes("data.bin", b"A" * 64)
+    path = store.commit(first, meta={})
+    with open(path / "data.bin", "r+b") as f:  # same size, different content
+        f.write(b"B")
+    again = store.stage(5)
+    again.write_bytes("data.bin", b"C" * 64)
+    with caplog.at_level("WARNING"):
+        store.commit(again, meta={})
+    assert "replacing corrupt snapshot" in caplog.text
+    info = store.newest_complete(verify=True)
+    assert info.step == 5 and info.read_bytes("data.bin") == b"C" * 64

@@ -230,7 +230,9 @@ class CheckpointStore:
         """Raise if ``final`` is a complete snapshot; under the lock, move a broken one aside."""
         if not os.path.lexists(final):
             return
-        info = _inspect(final, layout.parse_step(final.name), verify=False)
+        # Hash it (rare: only when the step exists already): a snapshot whose content was
+        # corrupted at the same size would otherwise block every later save of this step.
+        info = _inspect(final, layout.parse_step(final.name), verify=True)
         if info is None:
             return
         if info.complete:
