@@ -24,7 +24,7 @@ class Fake:
     position: Position
 
 
-def make(tmp_path, **checkpoint):
+def make(tmp_path, sharded=False, **checkpoint):
     config = Config()
     config = dataclasses.replace(config, checkpoint=dataclasses.replace(config.checkpoint, **checkpoint))
     env = WorkerEnv(rank=0, world_size=1, local_rank=0, nnodes=1, attempt=0, restarts=0,
@@ -34,7 +34,7 @@ def make(tmp_path, **checkpoint):
         layer = paddle.nn.Linear(8, 4)
         opt = paddle.optimizer.Adam(learning_rate=0.01, parameters=layer.parameters())
     trainer = Fake(layer, opt, config.train, Position())
-    return Checkpointer(config, env, tmp_path / "ckpt", tmp_path), trainer
+    return Checkpointer(config, env, tmp_path / "ckpt", tmp_path, sharded=sharded), trainer
 
 
 def train_step(trainer):
@@ -125,3 +125,15 @@ def test_second_writer_on_the_same_directory_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=f"pid {os.getpid()}"):
         make(tmp_path)
     first.close()
+
+
+def test_switching_the_sharded_optimizer_on_is_refused_not_restarted_from_scratch(tmp_path):
+    ckpt, trainer = make(tmp_path)
+    train_step(trainer)
+    ckpt.save(trainer)
+    ckpt.close()
+    sharded, fresh = make(tmp_path, sharded=True)
+    with pytest.raises(tstate.StateMismatch, match="written without a sharded optimizer; set "
+                                                   "train.sharded_optimizer: false"):
+        sharded.restore(fresh)
+    sharded.close()

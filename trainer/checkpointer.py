@@ -277,6 +277,11 @@ class Checkpointer:
         if state["global_batch_size"] % self.env.world_size:
             raise tstate.StateMismatch(f"{path}: its global batch {state['global_batch_size']} does not "
                                   f"divide among {self.env.world_size} workers")
+        if bool(state.get("sharded_optimizer")) != self.sharded:
+            raise tstate.StateMismatch(
+                f"{path}: written {'with' if state.get('sharded_optimizer') else 'without'} a "
+                f"sharded optimizer; set train.sharded_optimizer: "
+                f"{str(bool(state.get('sharded_optimizer'))).lower()} to resume it, or use a new run dir")
         if self.sharded and state["world_size"] != self.env.world_size:
             raise tstate.StateMismatch(f"{path}: written by {state['world_size']} ranks with a sharded "
                                   f"optimizer; resuming it on {self.env.world_size} is not supported "
