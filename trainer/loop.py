@@ -31,7 +31,7 @@ from paddlerun.trainer.errors import is_peer_failure
 from paddlerun.trainer.grad_sync import GradientSync, broadcast_parameters
 from paddlerun.trainer.heartbeat import lowest_live_rank
 from paddlerun.trainer.signals import ignoring_sigterm
-from paddlerun.trainer.state import model_arrays, rng_state
+from paddlerun.trainer.state import capture_rng, model_arrays, rng_state, rng_to_json
 
 log = logging.getLogger("paddlerun.worker")
 
@@ -114,7 +114,8 @@ class Trainer:
         self.last_eval: Dict[str, float] = {}
         self.last_train: Dict[str, float] = {}
         self.stop_requested = stop_requested or (lambda: False)
-        self._emergency_enabled = checkpointer is not None and env.world_size > 1
+        # Possible only where a dead peer raises in Python: our own gradient sync, unsharded.
+        self._emergency_enabled = checkpointer is not None and self.grad_sync is not None
         self._rng_before_step = None
 
     def _init_progress(self) -> None:
@@ -164,7 +165,7 @@ class Trainer:
             if self.is_rank0 and pos.batch == 0:
                 self.progress.epoch_begin(pos.epoch)
             for inputs, labels in self.loader:
-                self._rng_before_step = rng_state() if self._emergency_enabled else None
+                self._rng_before_step = capture_rng() if self._emergency_enabled else None
                 loss, correct = self._step(inputs, labels)
                 pos.step += 1
                 pos.batch += 1
@@ -238,7 +239,7 @@ class Trainer:
     def _maybe_emergency_save(self, error: Exception) -> None:
         """A collective failed because a peer died: the lowest surviving rank saves the
         last completed step, so the crash costs only the step in flight."""
-        if self.checkpointer is None or self.env.world_size == 1 or not is_peer_failure(error):
+        if not self._emergency_enabled or not is_peer_failure(error):
             return
         # A peer that just died may not look dead for a moment: ask again for a little while.
         deadline = time.time() + 1.0
@@ -247,7 +248,7 @@ class Trainer:
                 log.info("a lower rank is alive and writes the emergency snapshot")
                 return
             time.sleep(0.05)
-        rng = self._rng_before_step or rng_state()
+        rng = rng_to_json(self._rng_before_step) if self._rng_before_step else rng_state()
         with ignoring_sigterm():
             try:
                 path = self.checkpointer.emergency_save(self, rng)

@@ -48,13 +48,22 @@ def optimizer_arrays(optimizer) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
     return arrays, extra
 
 
-def rng_state() -> Dict[str, Any]:
-    np_state = np.random.get_state()
+def capture_rng() -> tuple:
+    """The RNG states as they are (cheap enough for every step); see :func:`rng_to_json`."""
+    return paddle.get_rng_state(), np.random.get_state(), random.getstate()
+
+
+def rng_to_json(captured: tuple) -> Dict[str, Any]:
+    paddle_states, np_state, py_state = captured
     return {
-        "paddle": [list(s.__getstate__()) for s in paddle.get_rng_state()],
+        "paddle": [list(s.__getstate__()) for s in paddle_states],
         "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
     }
+
+
+def rng_state() -> Dict[str, Any]:
+    return rng_to_json(capture_rng())
 
 
 def restore_rng(state: Dict[str, Any]) -> None:
