@@ -17,9 +17,6 @@ Three tables:
   this process), and end to end through ``paddlerun run`` (``slow``): a rerun skips a
   snapshot whose header lies, resumes from the older one, and replaces the bad one when it
   saves that step again.
-
-Known gaps are ``xfail(strict=True)``: each states the desired behaviour, and the reason
-says what happens today. A fix turns them into failures (XPASS), so the marker goes then.
 """
 from __future__ import annotations
 
@@ -150,8 +147,6 @@ BAD_CONFIGS = [
 # load_config calls path.read_text() outside its try (it only catches yaml.YAMLError).
 NOT_UTF8 = pytest.param(
     BadConfig("not-utf8", "", "not valid", raw=b"\xff\xfe\x00t\x00r\x00a\x00i\x00n\x00:\x00\n\x00"),
-    marks=pytest.mark.xfail(strict=True, reason="UnicodeDecodeError traceback, exit 1 (config.py "
-                                                "load_config: read_text() is not guarded)"),
     id="not-utf8")
 
 
@@ -493,9 +488,6 @@ def _read_model(store: CheckpointStore, path: Path) -> dict:
         return info.read_tensors("model.safetensors")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="SnapshotInfo.read_bytes opens the "
-                   "file with O_RDONLY | O_NOFOLLOW and no regular-file check (read_tensors has "
-                   "one): open() of a FIFO blocks until a writer appears")
 def test_reading_a_fifo_from_a_listed_snapshot_never_blocks(tmp_path):
     """A reader that lists, then reads (the snapshot may change in between)."""
     store = CheckpointStore(tmp_path / "checkpoints", lock_timeout_s=5)
@@ -631,26 +623,13 @@ RESTORE_CASES = [
     manifest_names_nested_dir, plain_truncation,
 ]
 # Snapshots the store cannot tell from good ones (every file matches the manifest, every
-# header fits its data) but whose content does not fit: restore raises from outside its
-# fallback (StateMismatch from restore_model, paddle's AssertionError from set_state_dict,
-# AttributeError from state.get) instead of skipping to the older snapshot.
-RESTORE_GAPS = [
-    pytest.param(consistent_lie_transposed, marks=pytest.mark.xfail(
-        strict=True, raises=ValueError, reason="StateMismatch from restore_model (outside the "
-        "fallback's try): the run gives up, not retried, although the config hash matches"),
-        id="consistent_lie_transposed"),
-    pytest.param(consistent_lie_dtype, marks=pytest.mark.xfail(
-        strict=True, raises=AssertionError, reason="restore_model checks names and shapes, not "
-        "dtypes: paddle's set_state_dict raises AssertionError, outside the fallback"),
-        id="consistent_lie_dtype"),
-    pytest.param(state_not_an_object, marks=pytest.mark.xfail(
-        strict=True, raises=AttributeError, reason="_check_compatible calls state.get on a list: "
-        "AttributeError, not a CheckpointError, so no fallback"), id="state_not_an_object"),
-]
+# header fits its data) but whose content does not fit the model that wrote them (same
+# config hash): restore treats them as corrupt and falls back to the older snapshot.
+RESTORE_LIES = [consistent_lie_transposed, consistent_lie_dtype, state_not_an_object]
 
 
-@pytest.mark.parametrize("corrupt", [*RESTORE_CASES, *RESTORE_GAPS],
-                         ids=[c.__name__ for c in RESTORE_CASES] + [p.id for p in RESTORE_GAPS])
+@pytest.mark.parametrize("corrupt", [*RESTORE_CASES, *RESTORE_LIES],
+                         ids=[c.__name__ for c in [*RESTORE_CASES, *RESTORE_LIES]])
 def test_restore_skips_a_lying_snapshot_for_the_older_one(tmp_path, caplog, watcher, restore_kit,
                                                           corrupt):
     ckpt, trainer = restore_kit()

@@ -207,10 +207,6 @@ def test_enospc_in_any_phase_leaves_the_older_snapshot_and_nothing_visible(enosp
         assert r["retry_complete"], where
 
 
-@pytest.mark.xfail(strict=True, reason="an OSError from a plain write(2) carries no file name: the "
-                   "JSON files and done marks are written by atomic.write_bytes, whose f.write / "
-                   "os.fsync errors reach the caller as '[Errno 28] No space left on device' "
-                   "with no path (only the safetensors writer is wrapped, in tensors_io)")
 def test_enospc_error_names_the_file_in_every_phase(enospc_sweep):
     unnamed = {}
     for r in enospc_sweep:
@@ -314,14 +310,9 @@ def test_efbig_leaves_the_older_snapshot_and_nothing_visible(efbig, name, caplog
     assert inspect_snapshot(save_snapshot(store, 20)).complete, "without the limit it saves"
 
 
-EFBIG_UNNAMED = pytest.mark.xfail(strict=True, reason="atomic.write_bytes lets the OSError of "
-                                  "f.write out as '[Errno 27] File too large', naming no file")
-
-
 @pytest.mark.parametrize("name", [
     "model.safetensors", "optimizer.safetensors",
-    pytest.param("trainer_state.json", marks=EFBIG_UNNAMED),
-    pytest.param("manifest.json", marks=EFBIG_UNNAMED),
+    "trainer_state.json", "manifest.json",
 ])
 def test_efbig_error_names_the_file(efbig, name):
     result = efbig[name]

@@ -38,6 +38,8 @@ MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
 FORMAT_VERSION = 1
+REQUIRED_STATE_KEYS = {"format", "step", "epoch", "batch", "world_size", "global_batch_size",
+                       "config_hash", "rng", "optimizer_extra"}
 
 
 def shard_file(rank: int) -> str:
@@ -248,6 +250,9 @@ class Checkpointer:
             try:
                 with self.store.reading(path) as info:
                     state = info.read_json(STATE_FILE)
+                    if not isinstance(state, dict) or not REQUIRED_STATE_KEYS <= set(state):
+                        raise CheckpointError(f"{path / STATE_FILE} lacks the keys "
+                                              f"{sorted(REQUIRED_STATE_KEYS)}: it is corrupt")
                     self._check_compatible(state, path)
                     opt_name = shard_file(self.env.rank) if self.sharded else OPTIMIZER_FILE
                     if opt_name not in info.files:
@@ -257,6 +262,14 @@ class Checkpointer:
                     model = info.read_tensors(MODEL_FILE)
                     optimizer = info.read_tensors(opt_name)
             except CheckpointError as e:
+                log.warning("skipping snapshot %s: %s", path, e)
+                continue
+            try:
+                tstate.check_model(trainer.layer, model, source=str(path / MODEL_FILE))
+            except tstate.StateMismatch as e:
+                if state["config_hash"] != self.config_hash:
+                    raise  # the model really changed: say so, do not quietly use an older one
+                # Written by this very config, yet it does not fit: it lies, so it is corrupt.
                 log.warning("skipping snapshot %s: %s", path, e)
                 continue
             tstate.restore_model(trainer.layer, model, source=str(path))

@@ -80,8 +80,8 @@ def restore_rng(state: Dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
-def restore_model(layer: paddle.nn.Layer, arrays: Dict[str, np.ndarray], source: str) -> None:
-    """Load ``arrays`` into ``layer``, refusing any difference in names or shapes."""
+def check_model(layer: paddle.nn.Layer, arrays: Dict[str, np.ndarray], source: str) -> None:
+    """Refuse ``arrays`` unless names, shapes and dtypes match the model exactly."""
     own = unwrap(layer).state_dict()
     for name, tensor in own.items():
         if name not in arrays:
@@ -91,9 +91,18 @@ def restore_model(layer: paddle.nn.Layer, arrays: Dict[str, np.ndarray], source:
             raise StateMismatch(f"{source}: parameter {name!r} has shape {list(arrays[name].shape)} "
                                 f"in the snapshot but {list(tensor.shape)} in the model; the model's "
                                 f"shape changed since the snapshot was taken")
+        want = np.dtype(paddle.empty([0], dtype=tensor.dtype).numpy().dtype)
+        if arrays[name].dtype != want:
+            raise StateMismatch(f"{source}: parameter {name!r} is {arrays[name].dtype} in the "
+                                f"snapshot but {want} in the model")
     extra = sorted(set(arrays) - set(own))
     if extra:
         raise StateMismatch(f"{source}: parameter {extra[0]!r} is not in the model")
+
+
+def restore_model(layer: paddle.nn.Layer, arrays: Dict[str, np.ndarray], source: str) -> None:
+    """Load ``arrays`` into ``layer``, refusing any difference in names, shapes or dtypes."""
+    check_model(layer, arrays, source)
     unwrap(layer).set_state_dict({name: paddle.to_tensor(a) for name, a in arrays.items()})
 
 

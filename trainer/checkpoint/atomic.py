@@ -70,13 +70,16 @@ def write_bytes(path: Path, data: Union[bytes, bytearray, memoryview]) -> FileRe
     """Create or truncate ``path``, write ``data`` hashing it on the way, fsync. No directory fsync."""
     h = hashlib.sha256()
     view = memoryview(data).cast("B")
-    with open(path, "wb") as f:  # buffered: its write() retries short writes
-        for start in range(0, len(view), CHUNK):
-            piece = view[start:start + CHUNK]
-            f.write(piece)
-            h.update(piece)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "wb") as f:  # buffered: its write() retries short writes
+            for start in range(0, len(view), CHUNK):
+                piece = view[start:start + CHUNK]
+                f.write(piece)
+                h.update(piece)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:  # write(2) errors name no file: say which one it was
+        raise OSError(exc.errno, f"{exc.strerror}: writing {path}") from exc
     return FileRecord(path.name, len(view), h.hexdigest())
 
 
@@ -121,7 +124,7 @@ def fsync_and_hash(path: Path) -> FileRecord:
         syncer.join()
         os.close(fd)
     if errors:
-        raise errors[0]
+        raise OSError(errors[0].errno, f"{errors[0].strerror}: fsync of {path}") from errors[0]
     return FileRecord(path.name, size, digest)
 
 

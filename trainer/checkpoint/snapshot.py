@@ -51,7 +51,11 @@ class SnapshotInfo:
         """The content of ``name``, checked against the manifest's size and sha256."""
         record, path = self._record(name)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            # O_NONBLOCK: opening a FIFO planted in the snapshot must not wait for a writer.
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise CheckpointError(f"{path} is not a regular file: the snapshot is corrupt", path)
             with open(fd, "rb") as f:
                 data = f.read()
         except OSError as exc:
