@@ -49,7 +49,8 @@ def diagnose(kind: str, run_dir: Path, attempt: int, log_dir: Path, beats: Mappi
     if primary:
         return from_error(primary[0])
     if kind == "hang" and reasons:
-        rank = min(reasons)
+        # A rank whose heartbeat stopped (dead, SIGSTOPped) over one merely waiting on it.
+        rank = min(reasons, key=lambda r: ("no heartbeat" not in reasons[r], r))
         return from_rank("hang", rank, f"rank {rank} hung: {reasons[rank]}")
     killed = {r: code for r, code in launcher_codes.items() if code < 0}
     if dead or killed:

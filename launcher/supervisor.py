@@ -179,6 +179,7 @@ class Supervisor:
     def _watch(self) -> State:
         hb_dir = self.run_dir / "heartbeats"
         hang_timeout = self.config.supervisor.hang_timeout_s
+        start_timeout = max(self.config.supervisor.start_timeout_s, hang_timeout)
         while True:
             self._forward_launch_output()
             if self.signals:
@@ -210,12 +211,12 @@ class Supervisor:
                         "worker_died", beats, noticed_at=first_seen,
                         dead={rank: code for rank, (_, code) in self._dead.items()})
                     return State.FAILED
-            stale = stale_ranks(beats, now, hang_timeout)
-            # Single node: every rank must have beaten once within the hang timeout.
+            stale = stale_ranks(beats, now, hang_timeout, phase_timeouts={"init": start_timeout})
+            # Single node: every rank must have beaten once within the start timeout.
             missing = [r for r in range(self.spec.nproc_per_node) if r not in beats] \
-                if self.config.launch.nnodes == 1 and now - self.attempt_started > hang_timeout else []
+                if self.config.launch.nnodes == 1 and now - self.attempt_started > start_timeout else []
             if stale or missing:
-                reasons = stale or {r: f"never sent a heartbeat in {hang_timeout:g} s" for r in missing}
+                reasons = stale or {r: f"never sent a heartbeat in {start_timeout:g} s" for r in missing}
                 self._emit("hang_detected", ranks={str(k): v for k, v in reasons.items()})
                 self._pending = self._diagnose("hang", beats, reasons=reasons)
                 return State.FAILED

@@ -28,7 +28,8 @@ import paddle
 import paddle.distributed as dist
 
 from paddlerun.trainer import state as tstate
-from paddlerun.trainer.checkpoint import CheckpointError, CheckpointStore, resolve_snapshot
+from paddlerun.trainer.checkpoint import (CheckpointError, CheckpointStore, WriterBusyError,
+                                          resolve_snapshot)
 from paddlerun.trainer.config import Config
 from paddlerun.trainer.env import WorkerEnv
 
@@ -201,16 +202,28 @@ class Checkpointer:
             self.wait()
         except CheckpointError as e:
             log.warning("the snapshot in flight failed: %s", e)
-        if self.last_saved_step == trainer.position.step:
-            return None
-        if not self.is_writer:  # rank 0 died: its claim died with it
-            self._claim = self.store.claim_writer({
+        step = trainer.position.step
+        if any(info.step == step and info.complete for info in self.store.snapshots()):
+            return None  # committed already (a non-writer's last_saved_step proves nothing)
+        if not self.is_writer:  # rank 0 died: its claim dies with it, a moment later
+            self._claim = self._claim_writer_after_dead_owner({
                 "host": socket.gethostname(), "pid": os.getpid(), "run_dir": str(self.run_dir),
                 "attempt": self.env.attempt, "started": time.time(), "emergency": True})
             self.is_writer = True
         path = self.persist(self.capture(trainer, "emergency", rng))
         self.last_saved_step = trainer.position.step
         return path
+
+    def _claim_writer_after_dead_owner(self, owner: Dict[str, Any], timeout_s: float = 2.0):
+        """The dead writer's lock is released when the kernel has closed its files: retry briefly."""
+        deadline = time.time() + timeout_s
+        while True:
+            try:
+                return self.store.claim_writer(owner)
+            except WriterBusyError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def close(self) -> None:
         self.wait()

@@ -69,6 +69,9 @@ class SupervisorConfig:
     max_failures_in_window: int = 5
     heartbeat_interval_s: float = 1.0
     hang_timeout_s: float = 60.0
+    #: Like hang_timeout_s, for start-up (import paddle, rendezvous, data, restore), which is
+    #: slow on a busy machine and waits for every node.
+    start_timeout_s: float = 180.0
     preempt_grace_s: float = 60.0
     preempt_signals: typing.List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 
@@ -299,7 +302,7 @@ def _validate(config: Any, source: str, prefix: str) -> None:
         need(config.max_restarts >= 0, "max_restarts", "must be >= 0")
         for key in ("backoff_s", "backoff_max_s", "failure_window_s"):
             need(getattr(config, key) >= 0, key, "must be >= 0")
-        for key in ("heartbeat_interval_s", "hang_timeout_s", "preempt_grace_s"):
+        for key in ("heartbeat_interval_s", "hang_timeout_s", "start_timeout_s", "preempt_grace_s"):
             need(getattr(config, key) > 0, key, "must be > 0")
         need(config.max_failures_in_window >= 1, "max_failures_in_window", "must be >= 1")
         need(config.hang_timeout_s >= 2 * config.heartbeat_interval_s, "hang_timeout_s",
