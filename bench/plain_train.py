@@ -1,0 +1,57 @@
+"""LeNet on MNIST the way a Paddle user writes it: DataParallel, no checkpoints (overhead_bench's baseline).
+
+    python -m paddle.distributed.launch --nproc_per_node 2 bench/plain_train.py --steps 600 --warmup 50
+    python -m paddle.distributed.launch --nproc_per_node 2 bench/plain_train.py --json /tmp/plain.json
+
+Same model, data, global batch (64: 32 a rank), optimizer (Adam 0.001) and seed as
+``paddlerun run configs/mnist_lenet.yaml``. Rank 0 prints (and with --json writes) the
+samples/s between the end of step ``--warmup`` and the end of step ``--steps``.
+"""
+import argparse
+import json
+import time
+
+import paddle
+import paddle.distributed as dist
+
+from paddlerun.trainer.data import mnist
+from paddlerun.trainer.models import LeNet
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--steps", type=int, default=600)
+parser.add_argument("--warmup", type=int, default=50)
+parser.add_argument("--json", default=None)
+args = parser.parse_args()
+
+paddle.seed(2024)
+dist.init_parallel_env()
+model = paddle.DataParallel(LeNet())
+data = mnist("train")
+sampler = paddle.io.DistributedBatchSampler(data, batch_size=64 // dist.get_world_size(), shuffle=True)
+loader = paddle.io.DataLoader(data, batch_sampler=sampler, return_list=True)
+opt = paddle.optimizer.Adam(learning_rate=0.001, parameters=model.parameters())
+loss_fn = paddle.nn.CrossEntropyLoss()
+
+step, epoch, times = 0, 0, {}
+while step < args.steps:
+    sampler.set_epoch(epoch)
+    for images, labels in loader:
+        loss = loss_fn(model(images), labels)
+        loss.backward()
+        opt.step()
+        opt.clear_grad()
+        step += 1
+        if step in (args.warmup, args.steps):
+            times[step] = time.time()
+        if step >= args.steps:
+            break
+    epoch += 1
+
+if dist.get_rank() == 0:
+    rate = (args.steps - args.warmup) * 64 / (times[args.steps] - times[args.warmup])
+    result = {"steps": args.steps, "warmup": args.warmup, "samples_per_s": rate,
+              "seconds": times[args.steps] - times[args.warmup], "final_loss": float(loss)}
+    print(json.dumps(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f)
