@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import List
 
+import numpy as np
 import paddle
 import paddle.distributed as dist
 
@@ -22,34 +23,37 @@ BUCKET_BYTES = 32 << 20
 
 
 class GradientSync:
-    """Average every parameter's gradient over all ranks, in a few flat all-reduces."""
+    """Average every parameter's gradient over all ranks, in a few flat all-reduces.
+
+    Sizes and shapes are worked out once; each step is concat, all-reduce, scale in
+    place, one split, and a copy back into each gradient.
+    """
 
     def __init__(self, parameters, world_size: int, bucket_bytes: int = BUCKET_BYTES):
-        self.world_size = world_size
-        self.params = [p for p in parameters if not p.stop_gradient]
+        self.scale = 1.0 / world_size
         self.buckets: List[list] = []
         size = 0
-        for p in self.params:
-            nbytes = p.numel().item() * p.element_size()
+        for p in parameters:
+            if p.stop_gradient:
+                continue
+            nbytes = int(np.prod(p.shape)) * p.element_size()
             if not self.buckets or size + nbytes > bucket_bytes:
                 self.buckets.append([])
                 size = 0
             self.buckets[-1].append(p)
             size += nbytes
+        self.sizes = [[int(np.prod(p.shape)) for p in bucket] for bucket in self.buckets]
 
     @paddle.no_grad()
     def __call__(self) -> None:
-        scale = 1.0 / self.world_size
-        for bucket in self.buckets:
+        for bucket, sizes in zip(self.buckets, self.sizes):
             grads = [p.grad if p.grad is not None else paddle.zeros_like(p) for p in bucket]
             flat = paddle.concat([g.reshape([-1]) for g in grads])
             dist.all_reduce(flat)
-            flat = flat * scale
-            offset = 0
-            for p, g in zip(bucket, grads):
+            flat.scale_(self.scale)
+            for p, piece in zip(bucket, paddle.split(flat, sizes)):
                 if p.grad is not None:
-                    p.grad.set_value(flat[offset:offset + g.size].reshape(g.shape))
-                offset += g.size
+                    p.grad.set_value(piece.reshape(p.grad.shape))
 
 
 @paddle.no_grad()
