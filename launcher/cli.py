@@ -16,7 +16,7 @@ from typing import List, Optional
 from paddlerun.launcher import preflight
 from paddlerun.launcher.exit_codes import BAD_CONFIG, FAILED
 from paddlerun.launcher.usage import UsageError
-from paddlerun.trainer.config import Config, ConfigError, config_from_dict, load_config
+from paddlerun.trainer.config import Config, ConfigError, load_config
 
 log = logging.getLogger("paddlerun")
 

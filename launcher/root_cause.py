@@ -13,7 +13,7 @@ import signal
 import socket
 import time
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Dict, Mapping, Optional
 
 from paddlerun.launcher.process_tree import describe_exit
 from paddlerun.launcher.restart_policy import Failure

@@ -1,6 +1,5 @@
 """Config loading: good input, every kind of bad input and the message it gets."""
 import pytest
-import yaml
 
 from paddlerun.trainer.config import Config, ConfigError, dump_config, load_config
 

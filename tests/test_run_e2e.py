@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from helpers import assert_no_leftovers, command, processes_of, run, summary, worker_digests
+from helpers import assert_no_leftovers, processes_of, run, summary, worker_digests
 
 pytestmark = pytest.mark.slow
 

@@ -24,7 +24,6 @@ def test_every_sample_once_per_epoch_and_ranks_disjoint(size, batch, world):
     assert steps == {-(-size // batch)}, "every rank runs the same number of steps"
     seen = Counter()
     for step in range(steps.pop()):
-        step_batches = [set(per_rank[r][step]) for r in range(world)]
         sizes = {len(per_rank[r][step]) for r in range(world)}
         assert len(sizes) == 1, "every rank gets an equal share of each global batch"
         for r in range(world):

@@ -128,7 +128,7 @@ def test_resuming_on_another_world_size_is_refused(tmp_path, reference):
                     ignore=shutil.ignore_patterns(".*"))
     result = sharded_run(tmp_path, TOTAL + 10, "launch.nproc_per_node=1", timeout=120)
     assert result.returncode == 1, result.stdout[-5000:]
-    assert (f"written by 2 ranks with a sharded optimizer; resuming it on 1 is not supported"
+    assert ("written by 2 ranks with a sharded optimizer; resuming it on 1 is not supported"
             in result.stdout), result.stdout[-5000:]
     assert "run it with 2 workers" in result.stdout
     assert "giving up: not retriable" in result.stdout

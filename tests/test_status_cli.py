@@ -122,7 +122,7 @@ def test_status_after_a_restart_and_the_end(restarted_run):
     text = cli("status", str(run_dir)).stdout
     assert "state     succeeded" in text and "not running" in text
     assert "attempt   1 (2 started, 1 restart(s))" in text
-    assert f"failure   attempt 0, " in text and failed[0]["cause"] in text
+    assert "failure   attempt 0, " in text and failed[0]["cause"] in text
     assert f"snapshot  step-{TOTAL:08d}: step {TOTAL}," in text
 
 

@@ -13,7 +13,6 @@ shard is there and verified.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
