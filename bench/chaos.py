@@ -621,13 +621,19 @@ def expected_evidence(inj: Injection, evs: List[dict], run_dir: Path) -> Tuple[b
         want = f"rank {fault.rank} killed by SIGKILL"
         ok, evidence = cause == want, f"worker_failed: {cause}" if failed else "no worker_failed"
         if fault.kind is Kind.PERSIST_KILL and inj.mid_persist:
-            # The interrupted persist left its staging directory: removed, with a warning,
-            # when rank 0 starts again; never read as a snapshot.
+            # The interrupted persist left its staging directory: either the survivor's
+            # emergency snapshot of that very step completed it, or it is removed, with a
+            # warning, when rank 0 starts again; never read as a snapshot.
+            step = int(inj.staging.rsplit("-", 1)[1])
+            completed = any(e["event"] == "snapshot_committed" and e.get("reason") == "emergency"
+                            and e.get("step") == step and e["attempt"] == a for e in evs)
             cleaned = any(inj.staging in line and "removing stale" in line
                           for b in range(a + 1, a + 20)
                           for line in worker_log_lines(run_dir, b).get(0, ()))
-            ok = ok and cleaned and not (run_dir / "checkpoints" / inj.staging).exists()
-            evidence += f"; {inj.staging} {'removed with a warning' if cleaned else 'NOT cleaned'}"
+            ok = ok and (completed or cleaned) and not (run_dir / "checkpoints" / inj.staging).exists()
+            evidence += f"; {inj.staging} " + ("completed by the emergency snapshot" if completed
+                                                else "removed with a warning" if cleaned
+                                                else "NOT cleaned")
         return ok, evidence
     if fault.kind is Kind.LAUNCH_KILL:
         ok = "launch process" in cause and "SIGKILL" in cause

@@ -134,7 +134,10 @@ def test_sigkill_in_the_middle_of_a_persist(tmp_path, reference):
     os.kill(heartbeat(tmp_path, 0)["pid"], signal.SIGKILL)
     code, out = finish(proc, tmp_path)
     assert_recovered(tmp_path, out, code, reference)
-    assert "stale" in out and ".staging-step-00000030" in out, "the leftover is cleaned, with a warning"
+    # The survivor's emergency snapshot of step 30 completes the interrupted persist, or
+    # (when it could not be written) the leftover is removed with a warning on the next start.
+    completed = any(e.get("reason") == "emergency" and e.get("step") == 30 for e in events(tmp_path))
+    assert completed or ("stale" in out and ".staging-step-00000030" in out)
     assert not staging.exists()
 
 
