@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping
@@ -41,13 +40,9 @@ import numpy as np
 
 from paddlerun.trainer.checkpoint import CheckpointError, SnapshotInfo
 from paddlerun.trainer.checkpoint.atomic import fsync_dir
+from paddlerun.trainer.checkpoint.layout import (MODEL_FILE, OPTIMIZER_FILE, SHARD_PATTERN,
+                                                 STATE_FILE)
 
-# The names trainer/checkpointer.py writes. That module imports paddle, so they are
-# repeated here; the end-to-end export test reads a real snapshot through them.
-MODEL_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.safetensors"
-STATE_FILE = "trainer_state.json"
-_SHARD = re.compile(r"^optimizer-rank-(\d{5,})\.safetensors$")
 
 #: paddle.save's protocol (paddle.save(..., protocol=4) is its default).
 PICKLE_PROTOCOL = 4
@@ -106,7 +101,7 @@ def optimizer_arrays(info: SnapshotInfo) -> Dict[str, np.ndarray]:
     files = info.files
     if OPTIMIZER_FILE in files:
         return info.read_tensors(OPTIMIZER_FILE)
-    shards = sorted(name for name in files if _SHARD.match(name))
+    shards = sorted(name for name in files if SHARD_PATTERN.match(name))
     if not shards:
         raise CheckpointError(f"{info.path} holds no optimizer state (neither {OPTIMIZER_FILE} nor "
                               f"optimizer-rank-*.safetensors); it holds {', '.join(sorted(files))}",

@@ -27,6 +27,7 @@ import paddle
 import paddle.distributed as dist
 
 from paddlerun.trainer import state as tstate
+from paddlerun.trainer.checkpoint.layout import MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, shard_file
 from paddlerun.trainer.checkpoint import (CheckpointError, CheckpointStore, WriterBusyError,
                                           resolve_snapshot)
 from paddlerun.trainer.config import Config
@@ -34,16 +35,9 @@ from paddlerun.trainer.env import WorkerEnv
 
 log = logging.getLogger("paddlerun.checkpoint")
 
-MODEL_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.safetensors"
-STATE_FILE = "trainer_state.json"
 FORMAT_VERSION = 1
 REQUIRED_STATE_KEYS = {"format", "step", "epoch", "batch", "world_size", "global_batch_size",
                        "config_hash", "rng", "optimizer_extra"}
-
-
-def shard_file(rank: int) -> str:
-    return f"optimizer-rank-{rank:05d}.safetensors"
 
 
 @dataclass

@@ -25,6 +25,17 @@ READERS_DIR = ".readers"
 
 _SNAPSHOT = re.compile(r"^step-(\d{8,})$")
 
+# The files of a paddlerun snapshot (written by trainer/checkpointer.py, read by the tools).
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "trainer_state.json"
+SHARD_PATTERN = re.compile(r"^optimizer-rank-(\d{5,})\.safetensors$")
+
+
+def shard_file(rank: int) -> str:
+    """One rank's optimizer shard, when the optimizer state is sharded."""
+    return f"optimizer-rank-{rank:05d}.safetensors"
+
 
 def snapshot_name(step: int) -> str:
     return f"{SNAPSHOT_PREFIX}{step:08d}"
