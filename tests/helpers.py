@@ -31,13 +31,19 @@ def command(run_dir: Path, *sets: str, config: str = CONFIG) -> List[str]:
 def run(run_dir: Path, *sets: str, timeout: float = 300, env=None) -> subprocess.CompletedProcess:
     """Run to the end; on timeout kill the whole session and fail."""
     proc = start(run_dir, *sets, env=env)
+    out = wait(proc, timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+
+
+def wait(proc: subprocess.Popen, timeout: float = 300) -> str:
+    """Wait for a started supervisor and return its output; on timeout kill its session and fail."""
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         kill_session(proc)
         out, _ = proc.communicate(timeout=30)
         raise AssertionError(f"paddlerun did not finish in {timeout} s:\n{out[-5000:]}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+    return out
 
 
 def start(run_dir: Path, *sets: str, env=None) -> subprocess.Popen:

@@ -12,8 +12,8 @@ import time
 import psutil
 import pytest
 
-from helpers import (REPO, assert_no_leftovers, events, heartbeat, kill_session, run, start,
-                     summary, wait_for)
+from helpers import (REPO, assert_no_leftovers, events, heartbeat, run, start, summary, wait,
+                     wait_for)
 
 pytestmark = pytest.mark.slow
 
@@ -30,12 +30,7 @@ def reference(tmp_path_factory):
 
 
 def finish(proc, run_dir, timeout=300):
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_session(proc)
-        out, _ = proc.communicate(timeout=30)
-        raise AssertionError(f"did not finish:\n{out[-5000:]}")
+    out = wait(proc, timeout)
     assert_no_leftovers(run_dir)
     return proc.returncode, out
 
