@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
+from table import print_table  # bench/table.py: scripts here run with bench/ on sys.path
 from paddlerun.trainer.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,14 +101,6 @@ def run_paddlerun(work: Path, settings: List[str], steps: int, warmup: int, time
 
 def spread(values: List[float]) -> Dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
-
-
-def print_table(head: List[str], rows: List[List[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in rows:
-        print("| " + " | ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]) + " |")
 
 
 def main(argv=None) -> int:

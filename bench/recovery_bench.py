@@ -66,6 +66,7 @@ from typing import Any, Dict, List, Optional
 
 import psutil
 
+import table  # bench/table.py: scripts here run with bench/ on sys.path
 from paddlerun.trainer.events import read_events
 from paddlerun.trainer.metrics import read_metrics
 
@@ -266,15 +267,11 @@ def cell(key: str, s: Optional[Dict[str, Any]]) -> str:
     return f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"
 
 
-def print_table(by_scenario: Dict[str, Dict[str, Any]]) -> None:
+def print_results(by_scenario: Dict[str, Dict[str, Any]]) -> None:
     names = list(by_scenario)
     head = ["median (min-max)"] + names
     rows = [[label] + [cell(key, by_scenario[n].get(key)) for n in names] for key, label in LABELS.items()]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in rows:
-        print("| " + " | ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]) + " |")
+    table.print_table(head, rows)
 
 
 def main(argv=None) -> int:
@@ -320,7 +317,7 @@ def main(argv=None) -> int:
     summary = {n: summarize(rs) for n, rs in results.items()}
     print(f"\n{args.rounds} crashes per scenario; checkpoint.every_steps={EVERY_STEPS}; "
           f"load average (1 min) {min(load):.1f}-{max(load):.1f} on {os.cpu_count()} CPUs\n")
-    print_table(summary)
+    print_results(summary)
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({
