@@ -131,6 +131,16 @@ def describe_exit(returncode: int) -> str:
     return text
 
 
+def _process_table() -> Dict[int, Tuple[int, float]]:
+    """``{pid: (parent pid, create_time)}`` of every process, from one pass over /proc."""
+    table = {}
+    for proc in psutil.process_iter(["ppid", "create_time"]):
+        ppid, ctime = proc.info["ppid"], proc.info["create_time"]
+        if ppid is not None and ctime is not None:
+            table[proc.pid] = (ppid, ctime)
+    return table
+
+
 def _is_alive(proc: psutil.Process) -> bool:
     """Running, sleeping or stopped -- not gone and not a zombie (zombies are dead)."""
     try:
@@ -193,6 +203,8 @@ class ProcessTree:
         self.start_time: float = 0.0
         # Every process ever seen as part of the tree, by (pid, create_time).
         self._known: Dict[_ProcKey, psutil.Process] = {}
+        # Processes whose environment was read and lacks the marker.
+        self._unmarked: Set[_ProcKey] = set()
         # close() reports a launch process that exited by itself once, not per call.
         self._launch_reported = False
 
@@ -248,6 +260,8 @@ class ProcessTree:
         register a child whose ``Popen`` you still want to ``wait`` for (its return
         code would read 0).
         """
+        if any(k[0] == pid and abs(k[1] - create_time) <= _CREATE_TIME_TOLERANCE_S for k in self._known):
+            return  # every supervisor tick registers the workers again: keep that cheap
         proc = self._lookup(pid, create_time)
         if proc is not None:
             self._known[(proc.pid, proc.create_time())] = proc
@@ -259,9 +273,14 @@ class ProcessTree:
         Every call refreshes the set of known processes, so call it regularly
         (each supervisor tick): a process seen once is found again by
         ``(pid, create_time)`` after its parent died. Never includes this process.
+
+        One pass over ``/proc`` per call (pid, parent, start time of every process),
+        and each process's environment is read once in its life: a supervisor calls
+        this several times a second on a machine whose cores are all training.
         """
         if self._popen is None:
             return []
+        table = _process_table()
         found: Dict[_ProcKey, psutil.Process] = {}
 
         def add(proc: psutil.Process) -> None:
@@ -276,38 +295,49 @@ class ProcessTree:
 
         for proc in list(self._known.values()):
             add(proc)
-        for proc in self._marked_processes():
+        for proc in self._marked_processes(table):
             add(proc)
         # Descendants of everything found so far (the launch process's workers,
         # an orphaned worker's own children, ...).
-        for proc in list(found.values()):
-            try:
-                children = proc.children(recursive=True)
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-            for child in children:
+        children: Dict[int, List[int]] = {}
+        for pid, (ppid, _) in table.items():
+            children.setdefault(ppid, []).append(pid)
+        todo = [key[0] for key in found]
+        while todo:
+            for pid in children.get(todo.pop(), ()):
+                try:
+                    child = psutil.Process(pid)
+                except psutil.NoSuchProcess:
+                    continue
+                before = len(found)
                 add(child)
+                if len(found) > before:
+                    todo.append(pid)
         self._known.update(found)
         # Forget processes that are gone (zombies stay known until reaped so that
         # reap_orphans can recognise them).
         for key, proc in list(self._known.items()):
             if not proc.is_running():
                 del self._known[key]
+        self._unmarked = {key for key in self._unmarked if table.get(key[0], (0, None))[1] == key[1]}
         ordered = sorted(found.values(), key=lambda p: (p.pid != self.pid, p.pid))
         return ordered
 
-    def _marked_processes(self) -> List[psutil.Process]:
+    def _marked_processes(self, table: Dict[int, Tuple[int, float]]) -> List[psutil.Process]:
         """Processes started after this tree whose environment carries its marker."""
         out = []
         # create_time has clock-tick resolution; allow a little slack.
         not_before = self.start_time - 1.0
-        for proc in psutil.process_iter(["create_time"]):
-            ctime = proc.info.get("create_time")
-            if ctime is None or ctime < not_before or proc.pid == os.getpid():
+        my_pid = os.getpid()
+        for pid, (_, ctime) in table.items():
+            if ctime < not_before or pid == my_pid or (pid, ctime) in self._unmarked:
                 continue
             try:
+                proc = psutil.Process(pid)
                 if proc.environ().get(self.marker) == "1":
                     out.append(proc)
+                else:  # an environment never gains the marker later: do not read it again
+                    self._unmarked.add((pid, ctime))
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
                 continue
         return out
