@@ -137,3 +137,22 @@ def test_switching_the_sharded_optimizer_on_is_refused_not_restarted_from_scratc
                                                    "train.sharded_optimizer: false"):
         sharded.restore(fresh)
     sharded.close()
+
+
+def test_a_save_while_the_last_persist_runs_keeps_both_snapshots_exact(tmp_path, monkeypatch):
+    # The capture reuses host buffers: the second save must wait for the first persist
+    # (paused here before its commit) before it overwrites them.
+    monkeypatch.setenv("PADDLERUN_TEST_PAUSE_BEFORE_COMMIT", "1:0.5")
+    ckpt, trainer = make(tmp_path, async_save=True)
+    train_step(trainer)
+    first = tstate.model_arrays(trainer.layer)
+    ckpt.save(trainer)
+    train_step(trainer)
+    second = tstate.model_arrays(trainer.layer)
+    ckpt.save(trainer)
+    ckpt.close()
+    store = CheckpointStore(tmp_path / "ckpt")
+    by_step = {info.step: info for info in store.snapshots() if info.complete}
+    for step, want in ((1, first), (2, second)):
+        saved = by_step[step].read_tensors("model.safetensors")
+        assert all(np.array_equal(saved[k], want[k]) for k in want), step

@@ -1,7 +1,8 @@
 """Snapshots inside the worker: when to take one, capture, persist in the background, restore.
 
 Two phases (DESIGN.md "Checkpoints"): *capture* copies the state to host memory on
-the training thread (fast); *persist* writes, fsyncs, hashes and commits it on a
+the training thread (fast: into buffers reused from one snapshot to the next,
+:mod:`host_copy`); *persist* writes, fsyncs, hashes and commits it on a
 background thread. At most one persist is in flight: the next capture waits for
 it, and a persist error is raised on the training thread at the next save or at
 the end, never lost (orbax's async save).
@@ -32,6 +33,7 @@ from paddlerun.trainer.checkpoint import (CheckpointError, CheckpointStore, Writ
                                           resolve_snapshot)
 from paddlerun.trainer.config import Config
 from paddlerun.trainer.env import WorkerEnv
+from paddlerun.trainer.host_copy import HostBuffers
 
 log = logging.getLogger("paddlerun.checkpoint")
 
@@ -49,6 +51,8 @@ class Captured:
     trainer_state: Dict[str, Any]
     reason: str
     captured_at: float = field(default_factory=time.time)
+    #: Seconds the training thread spent copying the state (the snapshot's stall).
+    capture_s: float = 0.0
 
 
 class Checkpointer:
@@ -71,6 +75,8 @@ class Checkpointer:
                 "host": socket.gethostname(), "pid": os.getpid(), "run_dir": str(run_dir),
                 "attempt": env.attempt, "started": time.time()})
         self._thread: Optional[threading.Thread] = None
+        # The persist in flight reads these buffers: a capture always waits for it first.
+        self._host = HostBuffers()
         self._error: Optional[BaseException] = None
         self.last_save_time = time.time()
         self.last_saved_step: Optional[int] = None
@@ -112,14 +118,19 @@ class Checkpointer:
             self.persist(captured)
 
     def capture(self, trainer, reason: str, rng: Dict[str, Any]) -> Captured:
+        """Copy the state to host memory. The arrays are reused buffers: call only with no
+        persist in flight (:meth:`wait`), and persist the result before the next capture."""
+        started = time.perf_counter()
         pos = trainer.position
-        model: Dict[str, np.ndarray] = {}
-        optimizer: Dict[str, np.ndarray] = {}
-        trainer_state: Dict[str, Any] = {}
+        groups: Dict[str, Dict[str, paddle.Tensor]] = {}
+        opt_extra: Dict[str, Any] = {}
         if self.is_writer or self.sharded:
-            optimizer, opt_extra = tstate.optimizer_arrays(trainer.optimizer)
+            groups["optimizer"], opt_extra = tstate.optimizer_tensors(trainer.optimizer)
         if self.is_writer:
-            model = tstate.model_arrays(trainer.layer)
+            groups["model"] = tstate.model_tensors(trainer.layer)
+        arrays = self._host.copy(groups)
+        trainer_state: Dict[str, Any] = {}
+        if self.is_writer:
             trainer_state = {
                 "format": FORMAT_VERSION,
                 "step": pos.step, "epoch": pos.epoch, "batch": pos.batch,
@@ -134,11 +145,13 @@ class Checkpointer:
                 "attempt": self.env.attempt,
                 "time": time.time(),
             }
-        return Captured(pos.step, model, optimizer, trainer_state, reason)
+        return Captured(pos.step, arrays.get("model", {}), arrays.get("optimizer", {}), trainer_state,
+                        reason, capture_s=time.perf_counter() - started)
 
     def persist(self, c: Captured) -> Optional[Path]:
         if not (self.is_writer or self.sharded):
             return None
+        started = time.perf_counter()
         staging = self.store.stage(c.step)
         if self.sharded:
             staging.write_tensors(shard_file(self.env.rank), c.optimizer)
@@ -158,7 +171,9 @@ class Checkpointer:
         removed = self.store.apply_retention(self.cfg.keep_last, self.cfg.keep_every_steps)
         if self.events is not None:
             self.events.emit("snapshot_committed", self.env.attempt, step=c.step, reason=c.reason,
-                             path=str(path), removed=[p.name for p in removed])
+                             path=str(path), removed=[p.name for p in removed],
+                             capture_s=round(c.capture_s, 6),
+                             persist_s=round(time.perf_counter() - started, 6))
         log.info("snapshot step %d committed (%s)", c.step, c.reason)
         return path
 
@@ -220,6 +235,7 @@ class Checkpointer:
 
     def close(self) -> None:
         self.wait()
+        self._host.close()
         if self._claim is not None:
             self._claim.release()
             self._claim = None

@@ -1,6 +1,7 @@
-"""Capture and restore the training state: the only checkpoint code that touches paddle.
+"""Capture and restore the training state: paddle tensors to numpy arrays and JSON, and back.
 
-Capture copies every tensor to host memory (``Tensor.numpy()`` copies), so the
+Capture copies every tensor to host memory (the checkpointer copies into reused
+buffers, :mod:`host_copy`; ``*_arrays`` here copy with ``Tensor.numpy()``), so the
 training thread can go on while a background thread persists the copy. Non-tensor
 state (LR scheduler, RNG states) becomes JSON: nothing here is ever pickled.
 """
@@ -29,23 +30,33 @@ def unwrap(layer: paddle.nn.Layer) -> paddle.nn.Layer:
     return layer
 
 
+def model_tensors(layer: paddle.nn.Layer) -> Dict[str, paddle.Tensor]:
+    return dict(unwrap(layer).state_dict())
+
+
 def model_arrays(layer: paddle.nn.Layer) -> Dict[str, np.ndarray]:
-    return {name: t.numpy() for name, t in unwrap(layer).state_dict().items()}
+    return {name: t.numpy() for name, t in model_tensors(layer).items()}
 
 
-def optimizer_arrays(optimizer) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
-    """(tensors, json-able rest) of ``optimizer.state_dict()``."""
-    arrays: Dict[str, np.ndarray] = {}
+def optimizer_tensors(optimizer) -> Tuple[Dict[str, paddle.Tensor], Dict[str, Any]]:
+    """(tensors, json-able rest) of ``optimizer.state_dict()``; nested entries flattened."""
+    tensors: Dict[str, paddle.Tensor] = {}
     extra: Dict[str, Any] = {}
     for key, value in optimizer.state_dict().items():
         if key in _JSON_KEYS:
             extra[key] = value
         elif isinstance(value, dict):
             for sub, t in value.items():
-                arrays[f"{key}{_SEP}{sub}"] = t.numpy()
+                tensors[f"{key}{_SEP}{sub}"] = t
         else:
-            arrays[key] = value.numpy()
-    return arrays, extra
+            tensors[key] = value
+    return tensors, extra
+
+
+def optimizer_arrays(optimizer) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
+    """(arrays, json-able rest) of ``optimizer.state_dict()``."""
+    tensors, extra = optimizer_tensors(optimizer)
+    return {name: t.numpy() for name, t in tensors.items()}, extra
 
 
 def capture_rng() -> tuple:
