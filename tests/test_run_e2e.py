@@ -38,6 +38,16 @@ def test_same_config_twice_gives_the_same_digest(two_runs):
     assert summary(a)["digest"] == summary(b)["digest"]
 
 
+def test_python_gradient_sync_equals_dataparallel_to_the_bit(two_runs, tmp_path):
+    # The default on CPU averages gradients in Python (trainer/grad_sync.py), through numpy
+    # views of the gradients; paddle.DataParallel does it in C++. Same steps, same bits.
+    run_dir, _ = two_runs[0]
+    result = run(tmp_path / "dp", "train.max_steps=24", "train.grad_sync=dataparallel")
+    assert result.returncode == 0, result.stdout[-5000:]
+    assert_no_leftovers(tmp_path / "dp")
+    assert summary(tmp_path / "dp")["digest"] == summary(run_dir)["digest"]
+
+
 def test_run_dir_contract(two_runs):
     run_dir, _ = two_runs[0]
     for name in ("config.yaml", "events.jsonl", "metrics.jsonl", "summary.json", "heartbeats",

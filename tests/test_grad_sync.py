@@ -1,0 +1,75 @@
+"""GradientSync's gather and scatter in one process; the real 2-rank all-reduce is in test_run_e2e."""
+import numpy as np
+import paddle
+import pytest
+
+from paddlerun.trainer import grad_sync
+from paddlerun.trainer.grad_sync import GradientSync
+from paddlerun.trainer.models import LeNet
+
+
+def peer_sums(flat):
+    """All-reduce as two ranks with gradients [own, own + 1] would see it, in place."""
+    flat.set_value(flat * 2 + 1)
+
+
+def backward(model, seed=0):
+    paddle.seed(seed)
+    x = paddle.randn([8, 1, 28, 28])
+    y = paddle.randint(0, 10, [8, 1])
+    paddle.nn.CrossEntropyLoss()(model(x), y).backward()
+
+
+def grads(model):
+    return {n: (p.grad.numpy().copy() if p.grad is not None else None) for n, p in model.named_parameters()}
+
+
+@pytest.fixture
+def fake_peer(monkeypatch):
+    monkeypatch.setattr(grad_sync.dist, "all_reduce", peer_sums)
+
+
+@pytest.mark.parametrize("bucket_bytes", [grad_sync.BUCKET_BYTES, 64 << 10])  # one bucket, several
+def test_numpy_views_and_paddle_ops_give_the_same_bits(fake_peer, bucket_bytes):
+    paddle.seed(0)
+    model = LeNet()
+    backward(model)
+    before = grads(model)
+    sync = GradientSync(model.parameters(), world_size=2, bucket_bytes=bucket_bytes)
+    assert sync.on_host
+    sync()
+    via_views = grads(model)
+    for name, g in before.items():  # the average of g and g + 1, to the bit as Paddle computes it
+        want = (paddle.to_tensor(g) * 2 + 1).scale_(0.5).numpy()
+        assert np.array_equal(via_views[name], want), name
+    # The same gradients through the Paddle-op path (GPU's) give the same bits.
+    model.clear_gradients(set_to_zero=False)
+    backward(model)
+    for bucket, sizes in zip(sync.buckets, sync.sizes):
+        sync._sync_with_paddle_ops(bucket, sizes)
+    via_ops = grads(model)
+    assert all(np.array_equal(via_views[n], via_ops[n]) for n in via_views)
+
+
+def test_a_parameter_without_a_gradient_counts_as_zeros(fake_peer):
+    paddle.seed(0)
+    used, unused = paddle.nn.Linear(4, 3), paddle.nn.Linear(4, 3)
+    params = list(used.parameters()) + list(unused.parameters())
+    used(paddle.ones([2, 4])).sum().backward()
+    before = used.weight.grad.numpy().copy()
+    GradientSync(params, world_size=2)()
+    assert unused.weight.grad is None, "no gradient is made up for it"
+    assert np.array_equal(used.weight.grad.numpy(), (paddle.to_tensor(before) * 2 + 1).scale_(0.5).numpy())
+
+
+def test_the_flat_buffer_is_kept_between_steps(fake_peer):
+    paddle.seed(0)
+    model = LeNet()
+    sync = GradientSync(model.parameters(), world_size=2)
+    backward(model)
+    sync()
+    flat = sync._flat[0][1]
+    model.clear_gradients()
+    backward(model, seed=1)
+    sync()
+    assert sync._flat[0][1] is flat
