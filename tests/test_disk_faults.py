@@ -115,7 +115,7 @@ def save_snapshot(store: CheckpointStore, step: int) -> Path:
     staging = store.stage(step)
     staging.write_tensors("model.safetensors", {"w": np.full((32, 64), step, np.float32)})
     staging.write_tensors("optimizer.safetensors", {"m": np.full((64, 64), step, np.float32)})
-    staging.write_json("trainer_state.json", {"step": step, "rng": list(range(5000))})
+    staging.write_json("trainer_state.json", {"step": step, "rng": list(range(7000))})
     return store.commit(staging, {"epoch": 0, "world_size": 1, "note": "n" * 80_000})
 
 

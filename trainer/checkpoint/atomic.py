@@ -128,6 +128,20 @@ def fsync_and_hash(path: Path) -> FileRecord:
     return FileRecord(path.name, size, digest)
 
 
+def publish_file(path: Path, data: bytes) -> None:
+    """Atomically replace a small file that need not survive a crash: readers see the old
+    content or the new, never part of it. No fsync (see :func:`replace_file` for that)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as exc:  # write(2) errors name no file: say which one it was
+        raise OSError(exc.errno, f"{exc.strerror}: writing {path}") from exc
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def replace_file(path: Path, data: bytes) -> None:
     """Atomically replace a small file: write a sibling temp file, fsync, rename, fsync the dir."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")

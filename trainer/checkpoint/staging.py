@@ -3,8 +3,13 @@
 Every rank that contributes a file calls ``CheckpointStore.stage(step)`` and gets the same
 directory. Each ``write_*`` call writes its file and fsyncs it, then publishes a *done
 mark* ``.<name>.done`` (the file's name, size and sha256, the writer's host and pid) by
-atomic rename and fsyncs the directory. Rank 0's commit waits for the done marks of the
-files other ranks write: a file without its mark may still be half written.
+atomic rename. Rank 0's commit waits for the done marks of the files other ranks write:
+a file without its mark may still be half written.
+
+The marks themselves are not fsynced: they only tell the committing rank, while the
+writers are alive, that a file is finished. After a crash a staging directory is never
+read (it has no manifest); what makes a snapshot durable is the fsync of each file
+before its mark and, at commit, of the manifest and the directories.
 """
 from __future__ import annotations
 
@@ -44,9 +49,15 @@ class Staging:
         return self._publish(write_tensors(self._target(name), arrays, metadata))
 
     def write_json(self, name: str, obj: Any) -> FileRecord:
-        """Write ``obj`` as JSON. JSON has no tuples and only str keys: those come back as lists and str."""
+        """Write ``obj`` as JSON. JSON has no tuples and only str keys: those come back as lists and str.
+
+        One line, no indent: only then does ``json`` use its C encoder. A trainer state
+        holds ~40 KB of RNG state; indented, encoding it took ~3 ms of the persist
+        thread's time holding the GIL, the training thread's biggest cost per snapshot
+        of a small model (measured with cProfile).
+        """
         try:
-            data = (json.dumps(obj, indent=1) + "\n").encode()
+            data = (json.dumps(obj) + "\n").encode()
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"cannot write {name} into {self.path}: not JSON-serializable ({exc})",
                                   self.path / name) from exc
@@ -116,7 +127,7 @@ class Staging:
 
     def _publish(self, record: FileRecord) -> FileRecord:
         mark = {**record.to_json(), "host": socket.gethostname(), "pid": os.getpid()}
-        atomic.replace_file(self._mark(record.name), (json.dumps(mark) + "\n").encode())
+        atomic.publish_file(self._mark(record.name), (json.dumps(mark) + "\n").encode())
         self.records[record.name] = record
         return record
 
