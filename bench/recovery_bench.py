@@ -8,7 +8,7 @@ Each round runs ``paddlerun run configs/mnist_lenet.yaml`` (2 CPU workers throug
 ``paddle.distributed.launch``) with ``train.epochs=7 train.max_steps=400`` (63 steps an
 epoch), ``checkpoint.every_steps=50``, ``train.log_every_steps=1`` (so ``metrics.jsonl``
 has a line and a time for every step) and ``supervisor.heartbeat_interval_s=0.25``; the
-restart backoff keeps its default of 1 s. Once rank 1's heartbeat reports a step drawn at
+restart policy keeps its defaults (a first failure after training restarts at once). Once rank 1's heartbeat reports a step drawn at
 random from ``[--kill-from, --kill-to)`` (the same steps in every scenario), it SIGKILLs
 worker(s) by the pids in their heartbeat files, waits for the first training step of the
 restarted attempt, then stops the job with SIGTERM (a preemption: snapshot, exit 75)

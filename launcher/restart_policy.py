@@ -65,9 +65,13 @@ class RestartPolicy:
                 and len({f.signature for f in tail}) == 1):
             return Decision(False, reason=f"{NO_PROGRESS_LIMIT} attempts in a row failed the same "
                                           f"way before their first step: {last.cause}")
-        return Decision(True, delay_s=self.backoff(len(failures)))
+        return Decision(True, delay_s=self.backoff(len(recent), last.progressed))
 
-    def backoff(self, failure_count: int) -> float:
-        """Exponential: backoff_s, 2x, 4x, ... capped at backoff_max_s."""
+    def backoff(self, failures_in_window: int, progressed: bool) -> float:
+        """The first failure in the window of an attempt that trained restarts at once (a
+        lost worker or node: waiting only adds to the recovery time); otherwise
+        exponential in the window's failures: backoff_s, 2x, 4x, ... capped at backoff_max_s."""
+        if failures_in_window <= 1 and progressed:
+            return 0.0
         c = self.config
-        return min(c.backoff_s * 2 ** max(failure_count - 1, 0), c.backoff_max_s)
+        return min(c.backoff_s * 2 ** max(failures_in_window - 1, 0), c.backoff_max_s)

@@ -235,9 +235,10 @@ class Supervisor:
         self.failures.append(failure)
         self._emit("worker_failed", **failure_details(failure))
         if failure.kind == "worker_died":
-            # The launcher stops the other workers itself within a few seconds; meanwhile a
-            # survivor may be writing its emergency snapshot, which a teardown would cut short.
-            self._wait_for_launch_exit(LAUNCH_EXIT_GRACE_S)
+            # A survivor may be writing its emergency snapshot, which a teardown would cut
+            # short: wait until every local worker has exited (it exits when done), or the
+            # launcher, which stops them itself within a few seconds, has.
+            self._wait_for_workers_to_exit(LAUNCH_EXIT_GRACE_S)
         self._teardown("failure")
         self._print_report(failure)
         if self.signals:
@@ -248,7 +249,8 @@ class Supervisor:
             print(f"paddlerun: giving up: {decision.reason}", file=sys.stderr)
             return State.GAVE_UP
         self._emit("restarting", delay_s=decision.delay_s, restarts=len(self.failures))
-        print(f"paddlerun: restarting in {decision.delay_s:.1f} s "
+        when = f"in {decision.delay_s:.1f} s" if decision.delay_s else "now"
+        print(f"paddlerun: restarting {when} "
               f"(restart {len(self.failures)} of {self.config.supervisor.max_restarts})",
               file=sys.stderr)
         self._backoff_until = time.time() + decision.delay_s
@@ -285,10 +287,22 @@ class Supervisor:
 
     # ------------------------------------------------------------ helpers
 
-    def _wait_for_launch_exit(self, timeout_s: float) -> None:
+    def _wait_for_workers_to_exit(self, timeout_s: float) -> None:
+        """Until the launch process or every local worker has exited (or ``timeout_s``).
+
+        Paddle's launcher notices a dead worker only after ~1 s and then SIGTERMs the
+        rest; a survivor that wrote its emergency snapshot has exited before that
+        (measured), and waiting for the launcher would only add to the recovery time.
+        """
+        hb_dir = self.run_dir / "heartbeats"
         deadline = time.time() + timeout_s
         while self.tree.poll() is None and time.time() < deadline and len(self.signals) < 2:
             self._forward_launch_output()
+            local = {r: hb for r, hb in read_heartbeats(hb_dir, attempt=self.attempt).items()
+                     if hb.host == self.host}
+            dead = dead_ranks(local)
+            if local and all(r in dead or hb.phase == "done" for r, hb in local.items()):
+                return
             time.sleep(POLL_S)
 
     def _teardown(self, why: str) -> None:

@@ -1,0 +1,61 @@
+"""The restart policy: budget, window, no-progress rule and backoff (pure: no processes)."""
+import dataclasses
+
+import pytest
+
+from paddlerun.launcher.restart_policy import Failure, RestartPolicy
+from paddlerun.trainer.config import SupervisorConfig
+
+CONFIG = SupervisorConfig(max_restarts=5, backoff_s=1.0, backoff_max_s=3.0, failure_window_s=100.0,
+                          max_failures_in_window=4)
+
+
+def failure(t, progressed=True, kind="worker_killed", cause="rank 1 killed by SIGKILL", retriable=True):
+    return Failure(attempt=0, time=t, kind=kind, cause=cause, progressed=progressed, retriable=retriable)
+
+
+def decide(*failures, config=CONFIG):
+    return RestartPolicy(config).decide(list(failures), now=failures[-1].time)
+
+
+def test_a_first_failure_after_training_restarts_at_once():
+    d = decide(failure(10))
+    assert d.restart and d.delay_s == 0.0
+
+
+def test_a_first_failure_before_any_step_waits_backoff_s():
+    d = decide(failure(10, progressed=False))
+    assert d.restart and d.delay_s == 1.0
+
+
+@pytest.mark.parametrize("count, delay", [(2, 2.0), (3, 3.0)])  # 1 s doubling, capped at 3 s
+def test_failures_close_together_back_off_exponentially(count, delay):
+    d = decide(*[failure(10 + i) for i in range(count)])
+    assert d.restart and d.delay_s == delay
+
+
+def test_failures_outside_the_window_do_not_add_to_the_backoff():
+    d = decide(failure(0), failure(50), failure(300))
+    assert d.restart and d.delay_s == 0.0
+
+
+def test_too_many_failures_in_the_window_give_up():
+    d = decide(*[failure(10 + i) for i in range(4)])
+    assert not d.restart and "failure_window_s" in d.reason
+
+
+def test_the_restart_budget_gives_up():
+    config = dataclasses.replace(CONFIG, max_restarts=2)
+    d = decide(failure(0), failure(200), failure(400), config=config)
+    assert not d.restart and "max_restarts=2" in d.reason
+
+
+def test_two_attempts_failing_alike_before_their_first_step_give_up():
+    same = dict(progressed=False, kind="worker_exit", cause="ImportError: no module named x")
+    d = decide(failure(0, **same), failure(5, **same))
+    assert not d.restart and "before their first step" in d.reason
+
+
+def test_a_fault_no_restart_can_fix_gives_up_at_once():
+    d = decide(failure(0, retriable=False, cause="bad config"))
+    assert not d.restart and "not retriable" in d.reason
