@@ -26,6 +26,7 @@ from paddlerun.trainer.digest import params_digest
 from paddlerun.trainer.env import WorkerEnv
 from paddlerun.trainer.metrics import MetricsLog, write_json_atomic
 from paddlerun.trainer.progress import Progress, Throughput
+from paddlerun.trainer.rendezvous import wait_for_master
 from paddlerun.trainer.sampler import ResumableBatchSampler, shard_indices
 from paddlerun.trainer.errors import is_peer_failure
 from paddlerun.trainer.grad_sync import GradientSync, broadcast_parameters
@@ -75,6 +76,8 @@ class Trainer:
         seed_everything(self.train.seed)
         # Fleet's sharded optimizer does the gradient reduction itself (trainer/sharding.py).
         self.sharded = self.train.sharded_optimizer and env.world_size > 1
+        if env.world_size > 1:
+            wait_for_master(config.supervisor.start_timeout_s)
         if self.sharded:
             sharding.init(env.world_size)
         elif env.world_size > 1:
