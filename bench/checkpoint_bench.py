@@ -21,12 +21,14 @@ moments (twice the parameters). Each round measures, side by side on the same st
 (d) ``raw``     a sequential write + fsync of the same number of bytes into the same
                 directory, 8 MB at a time: what the disk can do.
 
-Also, to show where the time goes:
+Also, to show where the time goes, two other ways to capture (neither is paddlerun's):
 
-- ``model_arrays`` / ``optimizer_arrays``: paddlerun's capture, its two halves timed apart,
-  and the minor page faults (first touches of fresh memory) of each call;
-- ``dlpack+copyto``: NOT paddlerun's code, a measured alternative -- a zero-copy DLPack
-  view of each tensor copied into host buffers allocated once and reused;
+- ``model_arrays`` / ``optimizer_arrays``: ``Tensor.numpy()`` of every tensor (paddlerun's
+  capture before it kept its buffers), its two halves timed apart, and the minor page
+  faults (first touches of fresh memory) of each call;
+- ``dlpack+copyto``: a zero-copy DLPack view of each tensor copied into host buffers
+  allocated once and reused, by one thread (paddlerun's capture does this split over
+  up to 4 threads: ``trainer/host_copy.py``);
 - the background persist with training going on: a few training steps of the same model
   (batch 8) are timed with no persist in flight, then steps are run for as long as the
   persist of (a) is in flight; their mean time over the idle one is the slowdown the
@@ -330,9 +332,9 @@ def print_table(results: List[Dict[str, Any]]) -> None:
             f"{r['ratios']['async_blocked_over_paddle_save_fsync']:.2f}",
             f"{r['ratios']['persist_throughput_over_raw']:.2f}"])
     print_rows(head, rows)
-    print("\nwhere the blocked time goes (page faults: 4 KB pages first touched during the call)\n")
-    head = ["state MB", "async blocked ms", "its page faults", "model_arrays ms", "optimizer_arrays ms",
-            "their faults", "dlpack+copyto ms", "its faults"]
+    print("\nthe capture against two others (page faults: 4 KB pages first touched during the call)\n")
+    head = ["state MB", "async blocked ms", "its page faults", "numpy() model ms", "numpy() optimizer ms",
+            "their faults", "1-thread dlpack+copyto ms", "its faults"]
     rows = [[f"{r['state_bytes'] / MB:.0f}", spread(r, "async_blocked_s"),
              f"{r['median']['async_blocked_faults']:.0f}",
              spread(r, "model_arrays_s"), spread(r, "optimizer_arrays_s"),
