@@ -4,8 +4,8 @@
     python bench/overhead_bench.py --rounds 3 --variants plain paddlerun --json /tmp/overhead.json
     python bench/overhead_bench.py --steps 1200 --warmup 100  # longer windows, less noise
 
-Each round runs, one after the other and in this order (so that noise from whatever else
-the machine does hits every variant alike):
+Each round runs every variant once, one after the other; odd rounds in the reverse order
+(ABBA), so that a machine that drifts faster or slower over the minutes favours no variant:
 
 ``plain``        ``python -m paddle.distributed.launch --nproc_per_node 2 bench/plain_train.py``:
                  the same LeNet, data (``paddlerun.trainer.data.mnist("train")``), global batch
@@ -26,7 +26,7 @@ the final snapshot are not counted. For paddlerun the two ends are the ``time`` 
 rank 0's ``metrics.jsonl`` lines of those steps (written every ``train.log_every_steps=10``,
 so both must be multiples of 10); the plain script takes ``time.time()`` after the same
 steps. The table gives every round's samples/s and, per variant, the ratio to that round's
-``plain`` run: median and min..max over the rounds. The issue's goal is paddlerun / plain
+``plain`` run: median, a bootstrap 95 % confidence interval of the median, and min..max. The issue's goal is paddlerun / plain
 >= 0.98. Run directories live under a fresh temporary directory, removed at the end.
 """
 from __future__ import annotations
@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import shutil
 import signal
 import statistics
@@ -100,7 +101,12 @@ def run_paddlerun(work: Path, settings: List[str], steps: int, warmup: int, time
 
 
 def spread(values: List[float]) -> Dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+    """Median, min, max and a bootstrap 95 % confidence interval of the median: on a noisy
+    machine the rounds spread far wider than the few per cent in question."""
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(2000))
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "ci95": [medians[49], medians[1949]], "n": len(values)}
 
 
 def main(argv=None) -> int:
@@ -126,7 +132,7 @@ def main(argv=None) -> int:
     samples: Dict[str, List[float]] = {v: [] for v in variants}
     try:
         for i in range(args.rounds):
-            for v in variants:
+            for v in (variants if i % 2 == 0 else variants[::-1]):
                 d = work / f"{v}-{i}"
                 started = time.time()
                 if VARIANTS[v] is None:
@@ -136,13 +142,14 @@ def main(argv=None) -> int:
                 samples[v].append(rate)
                 loads.append(os.getloadavg()[0])
                 print(f"  round {i}  {v:12s} {rate:7.1f} samples/s"
-                      + (f"  ratio {rate / samples['plain'][i]:.3f}" if v != "plain" else "")
+                      + (f"  ratio {rate / samples['plain'][i]:.3f}"
+                         if v != "plain" and len(samples["plain"]) > i else "")
                       + f"   ({time.time() - started:.0f} s wall, load {loads[-1]:.2f})", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     ratios = {v: [r / p for r, p in zip(samples[v], samples["plain"])] for v in variants if v != "plain"}
-    head = ["variant"] + [f"round {i}" for i in range(args.rounds)] + ["median", "/ plain (median, min..max)"]
+    head = ["variant"] + [f"round {i}" for i in range(args.rounds)] + ["median", "/ plain: median (95% CI; min..max)"]
     rows = []
     for v in variants:
         cells = [f"{r:.0f}" for r in samples[v]] + [f"{statistics.median(samples[v]):.0f}"]
@@ -150,7 +157,8 @@ def main(argv=None) -> int:
             cells.append("1")
         else:
             s = spread(ratios[v])
-            cells.append(f"{s['median']:.3f} ({s['min']:.3f}..{s['max']:.3f})")
+            cells.append(f"{s['median']:.3f} (95% CI {s['ci95'][0]:.3f}..{s['ci95'][1]:.3f}; "
+                         f"{s['min']:.3f}..{s['max']:.3f})")
         rows.append([v] + cells)
     print(f"\nsamples/s between steps {args.warmup} and {args.steps} (global batch {GLOBAL_BATCH}, 2 CPU workers):")
     print_table(head, rows)
