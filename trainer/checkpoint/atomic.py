@@ -131,24 +131,27 @@ def fsync_and_hash(path: Path) -> FileRecord:
 def publish_file(path: Path, data: bytes) -> None:
     """Atomically replace a small file that need not survive a crash: readers see the old
     content or the new, never part of it. No fsync (see :func:`replace_file` for that)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except OSError as exc:  # write(2) errors name no file: say which one it was
-        raise OSError(exc.errno, f"{exc.strerror}: writing {path}") from exc
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    _swap_in(path, data, durable=False)
 
 
 def replace_file(path: Path, data: bytes) -> None:
     """Atomically replace a small file: write a sibling temp file, fsync, rename, fsync the dir."""
+    _swap_in(path, data, durable=True)
+    fsync_dir(path.parent)
+
+
+def _swap_in(path: Path, data: bytes, durable: bool) -> None:
+    """Write ``data`` to a sibling temp file (fsynced if ``durable``) and rename it over ``path``."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     try:
-        write_bytes(tmp, data)
+        if durable:
+            write_bytes(tmp, data)
+        else:
+            try:
+                tmp.write_bytes(data)
+            except OSError as exc:  # write(2) errors name no file: say which one it was
+                raise OSError(exc.errno, f"{exc.strerror}: writing {tmp}") from exc
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
-    fsync_dir(path.parent)
