@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -101,6 +102,7 @@ def collect(run_dir: Path, now: float) -> Dict[str, Any]:
         "last_failure": last_failure(events),
         "ranks": [rank_status(hb, now) for _, hb in sorted(read_heartbeats(run_dir / "heartbeats").items())],
         "snapshot": newest_snapshot(run_dir),
+        "snapshot_cost": snapshot_cost(events),
         "metrics": last_metrics(run_dir / "metrics.jsonl"),
         "summary": summary_status(run_dir / "summary.json"),
     }
@@ -191,6 +193,18 @@ def newest_snapshot(run_dir: Path) -> Optional[Dict[str, Any]]:
     return result
 
 
+def snapshot_cost(events: List[dict]) -> Optional[Dict[str, Any]]:
+    """What snapshots cost the run so far, from the ``snapshot_committed`` events: the median
+    time the training thread was blocked (capture) and the median background persist."""
+    timed = [e for e in events if e.get("event") == "snapshot_committed"
+             and isinstance(e.get("capture_s"), (int, float)) and isinstance(e.get("persist_s"), (int, float))]
+    if not timed:
+        return None
+    return {"count": len(timed),
+            "capture_s_median": statistics.median(e["capture_s"] for e in timed),
+            "persist_s_median": statistics.median(e["persist_s"] for e in timed)}
+
+
 def last_metrics(path: Path) -> Dict[str, Any]:
     """The last train line (it has "loss") and the last eval line ("eval_acc")."""
     train = evaluation = None
@@ -261,6 +275,10 @@ def human(s: Dict[str, Any]) -> str:
         row("failure", f"attempt {failure['attempt']}, {render.age(failure['time'], now)}: "
                        f"{failure['kind']}{rank}: {failure['cause']}")
     row("snapshot", _snapshot_line(s["snapshot"], now))
+    cost = s["snapshot_cost"]
+    if cost:
+        row("", f"{cost['count']} committed; training blocked {cost['capture_s_median'] * 1e3:.1f} ms "
+                f"and persist {cost['persist_s_median'] * 1e3:.0f} ms each (medians)")
     row("metrics", _metrics_line(s["metrics"], now))
     summary = s["summary"]
     if summary:

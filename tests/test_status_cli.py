@@ -118,12 +118,17 @@ def test_status_after_a_restart_and_the_end(restarted_run):
     assert s["metrics"]["train"]["step"] == TOTAL and s["metrics"]["train"]["attempt"] == 1
     assert s["metrics"]["eval"]["step"] == TOTAL
     assert s["summary"]["status"] == "succeeded" and s["summary"]["restarts"] == 1
+    committed = [e for e in read_events(run_dir / "events.jsonl") if e["event"] == "snapshot_committed"]
+    cost = s["snapshot_cost"]
+    assert cost["count"] == len(committed) >= 2
+    assert 0 < cost["capture_s_median"] < cost["persist_s_median"] < 30
 
     text = cli("status", str(run_dir)).stdout
     assert "state     succeeded" in text and "not running" in text
     assert "attempt   1 (2 started, 1 restart(s))" in text
     assert "failure   attempt 0, " in text and failed[0]["cause"] in text
     assert f"snapshot  step-{TOTAL:08d}: step {TOTAL}," in text
+    assert f"{cost['count']} committed; training blocked " in text
 
 
 @slow
@@ -173,6 +178,7 @@ def test_status_of_a_run_whose_supervisor_was_killed(tmp_path, capsys):
     assert s["metrics"]["train"]["step"] == 20 and s["metrics"]["train"]["loss"] == "nan"
     assert s["snapshot"]["count"] == 0 and "step" not in s["snapshot"]
     assert s["ranks"] == [] and s["summary"] is None
+    assert s["snapshot_cost"] is None  # an event without timings (an older paddlerun) counts for nothing
     assert main(["status", str(tmp_path)]) == 0
     text = capsys.readouterr().out
     assert "its supervisor is gone" in text and "run the same `paddlerun run` command again" in text
