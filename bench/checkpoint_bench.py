@@ -17,7 +17,9 @@ moments (twice the parameters). Each round measures, side by side on the same st
                 with an fsync of both files (what a durable save costs) and without.
 (c) ``persist`` paddlerun's synchronous persist of a captured state: safetensors write,
                 fsync, sha256, done marks, manifest, rename, directory fsyncs; and its
-                throughput (bytes of the committed snapshot / time).
+                throughput (bytes of the committed snapshot / time). Timed twice: with
+                the model and optimizer files written one after the other (CPU workers)
+                and side by side (``side by side``: GPU workers, whose cores are free).
 (d) ``raw``     a sequential write + fsync of the same number of bytes into the same
                 directory, 8 MB at a time: what the disk can do.
 
@@ -213,7 +215,7 @@ def bench_size(mb: float, rounds: int, work: Path) -> Dict[str, Any]:
         "async_blocked_s", "async_blocked_faults", "async_background_persist_s",
         "train_step_idle_s", "train_step_during_persist_s", "model_arrays_s", "model_arrays_faults",
         "optimizer_arrays_s", "optimizer_arrays_faults", "dlpack_copyto_s", "dlpack_copyto_faults",
-        "persist_s", "persist_bytes", "paddle_save_fsync_s", "paddle_save_s", "paddle_save_bytes",
+        "persist_s", "persist_bytes", "persist_side_by_side_s", "paddle_save_fsync_s", "paddle_save_s", "paddle_save_bytes",
         "raw_write_fsync_s")}
 
     def snapshot_path() -> Path:
@@ -266,6 +268,17 @@ def bench_size(mb: float, rounds: int, work: Path) -> Dict[str, Any]:
         record("persist_bytes", nbytes)
         remove(snapshot_path())
 
+        # (c') the same with the model and optimizer files written side by side (what a
+        # worker training on a GPU does; CPU workers write one after the other).
+        trainer.position.step += 1
+        captured = ckpt.capture(trainer, "bench", tstate.rng_state())
+        ckpt.write_side_by_side = True
+        took, _, _ = timed(lambda: ckpt.persist(captured))
+        ckpt.write_side_by_side = False
+        del captured
+        record("persist_side_by_side_s", took)
+        remove(snapshot_path())
+
         # (b) paddle.save, durable and not.
         took, _, saved = timed(lambda: paddle_save(model, opt, scratch, fsync=True))
         record("paddle_save_fsync_s", took)
@@ -300,6 +313,7 @@ def bench_size(mb: float, rounds: int, work: Path) -> Dict[str, Any]:
         "async_blocked_over_paddle_save_fsync": med["async_blocked_s"] / med["paddle_save_fsync_s"],
         "async_blocked_over_paddle_save": med["async_blocked_s"] / med["paddle_save_s"],
         "persist_throughput_over_raw": result["persist_bytes_per_s"] / result["raw_bytes_per_s"],
+        "persist_side_by_side_throughput_over_raw": med["raw_write_fsync_s"] / med["persist_side_by_side_s"],
         "train_step_during_persist_over_idle": med["train_step_during_persist_s"] / med["train_step_idle_s"]
         if "train_step_during_persist_s" in med else None,
     }
@@ -321,7 +335,7 @@ def spread(result: Dict[str, Any], key: str) -> str:
 
 def print_table(results: List[Dict[str, Any]]) -> None:
     head = ["state MB", "async blocked ms", "paddle.save+fsync ms", "paddle.save ms", "persist ms",
-            "persist MB/s", "raw MB/s", "blocked/save+fsync", "persist/raw"]
+            "persist MB/s", "raw MB/s", "blocked/save+fsync", "persist/raw", "side by side ms", "its /raw"]
     rows = []
     for r in results:
         rows.append([
@@ -330,7 +344,9 @@ def print_table(results: List[Dict[str, Any]]) -> None:
             spread(r, "persist_s"), f"{r['persist_bytes_per_s'] / MB:.0f}",
             f"{r['raw_bytes_per_s'] / MB:.0f}",
             f"{r['ratios']['async_blocked_over_paddle_save_fsync']:.2f}",
-            f"{r['ratios']['persist_throughput_over_raw']:.2f}"])
+            f"{r['ratios']['persist_throughput_over_raw']:.2f}",
+            spread(r, "persist_side_by_side_s"),
+            f"{r['ratios']['persist_side_by_side_throughput_over_raw']:.2f}"])
     print_rows(head, rows)
     print("\nthe capture against two others (page faults: 4 KB pages first touched during the call)\n")
     head = ["state MB", "async blocked ms", "its page faults", "numpy() model ms", "numpy() optimizer ms",

@@ -156,3 +156,25 @@ def test_a_save_while_the_last_persist_runs_keeps_both_snapshots_exact(tmp_path,
     for step, want in ((1, first), (2, second)):
         saved = by_step[step].read_tensors("model.safetensors")
         assert all(np.array_equal(saved[k], want[k]) for k in want), step
+
+
+@pytest.mark.parametrize("side_by_side", [False, True])
+def test_model_and_optimizer_files_written_side_by_side_or_not_restore_alike(tmp_path, side_by_side):
+    ckpt, trainer = make(tmp_path)
+    assert ckpt.write_side_by_side is None  # decided at the first capture, from the device
+    train_step(trainer)
+    ckpt.save(trainer, wait=True)
+    assert ckpt.write_side_by_side is False  # CPU here: one file after the other
+    ckpt.write_side_by_side = side_by_side  # what a GPU worker does
+    train_step(trainer)
+    ckpt.save(trainer, wait=True)
+    expected = tstate.model_arrays(trainer.layer)
+    moments, _ = tstate.optimizer_arrays(trainer.optimizer)
+    ckpt.close()
+    fresh_ckpt, fresh = make(tmp_path)
+    assert fresh_ckpt.restore(fresh).step == 2
+    got = tstate.model_arrays(fresh.layer)
+    got_moments, _ = tstate.optimizer_arrays(fresh.optimizer)
+    assert all(np.array_equal(got[k], expected[k]) for k in expected)
+    assert all(np.array_equal(got_moments[k], moments[k]) for k in moments)
+    fresh_ckpt.close()

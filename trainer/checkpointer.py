@@ -19,6 +19,7 @@ import os
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -77,6 +78,13 @@ class Checkpointer:
         self._thread: Optional[threading.Thread] = None
         # The persist in flight reads these buffers: a capture always waits for it first.
         self._host = HostBuffers()
+        #: Write the model and optimizer files side by side, each file's fsync and sha256
+        #: read-back overlapping the other's write: on an idle machine 630 MB persisted in
+        #: 573 ms instead of 765. Only when training runs on a GPU: with CPU training the
+        #: cores are busy, and training steps ran 1.39x slower during such a persist
+        #: instead of 1.09x (measured, bench/checkpoint_bench.py). Set at the first capture,
+        #: once the worker has chosen its device.
+        self.write_side_by_side: Optional[bool] = None
         self._error: Optional[BaseException] = None
         self.last_save_time = time.time()
         self.last_saved_step: Optional[int] = None
@@ -121,6 +129,8 @@ class Checkpointer:
         """Copy the state to host memory. The arrays are reused buffers: call only with no
         persist in flight (:meth:`wait`), and persist the result before the next capture."""
         started = time.perf_counter()
+        if self.write_side_by_side is None:
+            self.write_side_by_side = paddle.device.get_device().startswith("gpu")
         pos = trainer.position
         groups: Dict[str, Dict[str, paddle.Tensor]] = {}
         opt_extra: Dict[str, Any] = {}
@@ -153,13 +163,16 @@ class Checkpointer:
             return None
         started = time.perf_counter()
         staging = self.store.stage(c.step)
+        files = {}
         if self.sharded:
-            staging.write_tensors(shard_file(self.env.rank), c.optimizer)
+            files[shard_file(self.env.rank)] = c.optimizer
+        if self.is_writer:
+            files[MODEL_FILE] = c.model
+            if not self.sharded:
+                files[OPTIMIZER_FILE] = c.optimizer
+        _write_all(staging, files, side_by_side=self.write_side_by_side)
         if not self.is_writer:
             return None
-        staging.write_tensors(MODEL_FILE, c.model)
-        if not self.sharded:
-            staging.write_tensors(OPTIMIZER_FILE, c.optimizer)
         staging.write_json(STATE_FILE, c.trainer_state)
         if self._pause_before_commit and self._pause_before_commit[0] == c.step \
                 and c.reason != "emergency":
@@ -326,6 +339,19 @@ class Checkpointer:
             log.warning("%s was written with a different train config (hash %s, now %s); "
                         "resuming anyway: the model's shapes are checked next", path,
                         state["config_hash"][:12], self.config_hash[:12])
+
+
+def _write_all(staging, files: Dict[str, Dict[str, np.ndarray]], side_by_side: bool) -> None:
+    """Write the tensor files one after the other or side by side, a thread each. All are
+    finished, or failed, on return; the first error is raised."""
+    if len(files) <= 1 or not side_by_side:
+        for name, arrays in files.items():
+            staging.write_tensors(name, arrays)
+        return
+    with ThreadPoolExecutor(len(files), thread_name_prefix="paddlerun-write") as pool:
+        futures = [pool.submit(staging.write_tensors, name, arrays) for name, arrays in files.items()]
+    for future in futures:
+        future.result()
 
 
 def _check_same_step_on_every_rank(step: int) -> None:
