@@ -535,49 +535,20 @@ def test_ckpt_commands_never_open_a_file_outside_the_snapshot(tmp_path, watcher)
 
 # ====================================================================== snapshots: real restore
 
-@dataclasses.dataclass
-class FakeTrainer:
-    """What Checkpointer reads from a trainer: a real paddle layer and optimizer."""
-    layer: object
-    optimizer: object
-    train: object
-    position: object
-
-
 @pytest.fixture
 def restore_kit(tmp_path):
     """Real paddle (imported here, not at collection). Yields ``make() -> (Checkpointer, trainer)``."""
-    paddle = pytest.importorskip("paddle")
-    from paddlerun.trainer.checkpointer import Checkpointer
-    from paddlerun.trainer.config import Config
-    from paddlerun.trainer.env import WorkerEnv
-    from paddlerun.trainer.loop import Position
+    pytest.importorskip("paddle")
+    from checkpointer_kit import make_checkpointer, train_step
 
     opened = []
 
     def make():
-        config = Config()
-        env = WorkerEnv(rank=0, world_size=1, local_rank=0, nnodes=1, attempt=0, restarts=0,
-                        run_dir=tmp_path, checkpoint_dir=tmp_path / "checkpoints", config_path=None,
-                        tty=False)
-        paddle.seed(0)
-        with paddle.utils.unique_name.guard():
-            layer = paddle.nn.Linear(8, 4)
-            optimizer = paddle.optimizer.Adam(learning_rate=0.01, parameters=layer.parameters())
-        ckpt = Checkpointer(config, env, tmp_path / "checkpoints", tmp_path)
+        ckpt, trainer = make_checkpointer(tmp_path, directory="checkpoints")
         opened.append(ckpt)
-        return ckpt, FakeTrainer(layer, optimizer, config.train, Position())
+        return ckpt, trainer
 
-    def train(trainer, steps):
-        for _ in range(steps):
-            loss = trainer.layer(paddle.randn([2, 8])).sum()
-            loss.backward()
-            trainer.optimizer.step()
-            trainer.optimizer.clear_grad()
-            trainer.position.step += 1
-            trainer.position.batch += 1
-
-    make.train = train
+    make.train = train_step
     yield make
     for ckpt in opened:
         with contextlib.suppress(Exception):

@@ -1,49 +1,15 @@
 """The worker-side Checkpointer in one process: async persist, its errors, restore."""
-import dataclasses
 import os
 import time
 
 import numpy as np
-import paddle
 import pytest
 
 from paddlerun.trainer import state as tstate
 from paddlerun.trainer.checkpoint import CheckpointError, CheckpointStore
-from paddlerun.trainer.checkpointer import Checkpointer
-from paddlerun.trainer.config import Config
-from paddlerun.trainer.env import WorkerEnv
 from paddlerun.trainer.loop import Position
 
-
-@dataclasses.dataclass
-class Fake:
-    """What Checkpointer reads from a trainer."""
-    layer: paddle.nn.Layer
-    optimizer: object
-    train: object
-    position: Position
-
-
-def make(tmp_path, sharded=False, **checkpoint):
-    config = Config()
-    config = dataclasses.replace(config, checkpoint=dataclasses.replace(config.checkpoint, **checkpoint))
-    env = WorkerEnv(rank=0, world_size=1, local_rank=0, nnodes=1, attempt=0, restarts=0,
-                    run_dir=tmp_path, checkpoint_dir=tmp_path / "ckpt", config_path=None, tty=False)
-    paddle.seed(0)
-    with paddle.utils.unique_name.guard():
-        layer = paddle.nn.Linear(8, 4)
-        opt = paddle.optimizer.Adam(learning_rate=0.01, parameters=layer.parameters())
-    trainer = Fake(layer, opt, config.train, Position())
-    return Checkpointer(config, env, tmp_path / "ckpt", tmp_path, sharded=sharded), trainer
-
-
-def train_step(trainer):
-    loss = trainer.layer(paddle.randn([2, 8])).sum()
-    loss.backward()
-    trainer.optimizer.step()
-    trainer.optimizer.clear_grad()
-    trainer.position.step += 1
-    trainer.position.batch += 1
+from checkpointer_kit import make_checkpointer as make, train_step
 
 
 def test_async_save_then_restore_into_a_fresh_model(tmp_path):
