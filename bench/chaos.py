@@ -80,7 +80,7 @@ import psutil
 
 from paddlerun.trainer.checkpoint import CheckpointStore
 from paddlerun.trainer.events import read_events
-from paddlerun.trainer.heartbeat import Heartbeat, read_heartbeats
+from paddlerun.trainer.heartbeat import Heartbeat, process_alive, read_heartbeats
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "mnist_lenet.yaml"
@@ -760,7 +760,7 @@ def run_checks(chaos: Chaos, r: Report, evs: List[dict], summary: dict,
     left = [f"at the end: pid {p.pid} ({' '.join(p.cmdline())[:100]})"
             for p in processes_of(run_dir)]
     left += [f"the SIGSTOPped pid {pid} is still there" for pid, created in chaos.stopped_pids
-             if _alive(pid, created)]
+             if process_alive(pid, created)]
     checks.append(Check("no process of the run left", not (chaos.leftovers or left),
                         "; ".join(chaos.leftovers + left) or "none (also checked after every exit 75)"))
 
@@ -796,14 +796,6 @@ def run_checks(chaos: Chaos, r: Report, evs: List[dict], summary: dict,
     checks.append(Check("every fault in events.jsonl with its cause", not missing,
                         "; ".join(missing) or f"{len(r.injections)} of {len(r.injections)}"))
     return checks
-
-
-def _alive(pid: int, created: float) -> bool:
-    try:
-        proc = psutil.Process(pid)
-        return abs(proc.create_time() - created) < 0.01 and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 # ---------------------------------------------------------------------------- output

@@ -1,6 +1,7 @@
 """Running the real ``paddlerun`` command in tests, and proving nothing is left behind."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -58,6 +59,18 @@ def kill_session(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+@contextlib.contextmanager
+def killed_on_error(proc: subprocess.Popen):
+    """Any error inside (a failed wait or assertion, a timeout, Ctrl-C) kills the supervisor's
+    whole session and reaps it before the error goes on: a failing test leaves nothing running."""
+    try:
+        yield proc
+    except BaseException:
+        kill_session(proc)
+        proc.communicate(timeout=30)
+        raise
 
 
 def processes_of(run_dir: Path) -> List[psutil.Process]:

@@ -17,7 +17,7 @@ import pytest
 
 paddle = pytest.importorskip("paddle")
 
-from helpers import REPO, assert_no_leftovers, kill_session, wait_for
+from helpers import REPO, assert_no_leftovers, killed_on_error, wait_for
 from paddlerun.trainer.checkpoint import CheckpointStore
 
 EXAMPLE = REPO / "examples" / "tutorial_lenet.py"
@@ -121,17 +121,13 @@ def test_supervised_script_restarts_a_killed_worker_and_ends_identical(tmp_path,
             "--", "--max-steps", str(TOTAL), "--every-steps", "10", "--verbose", "0"]
     proc = subprocess.Popen(argv, cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
+    with killed_on_error(proc):
         wait_for(lambda: snapshot_or_exit(run_dir / "checkpoints", proc), timeout=90,
                  what=f"a snapshot at step >= {KILL_AFTER}", interval=0.01)
         worker = json.loads((run_dir / "heartbeats" / "rank-0.json").read_text())
         os.kill(worker["pid"], signal.SIGKILL)
         resume_step = newest_step(run_dir / "checkpoints")
         out, _ = proc.communicate(timeout=120)
-    except BaseException:
-        kill_session(proc)
-        proc.communicate(timeout=30)
-        raise
     assert proc.returncode == 0, out[-5000:]
     assert digest_of(out) == digest
     records = metrics(run_dir)

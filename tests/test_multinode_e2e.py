@@ -1,9 +1,9 @@
 """Two "nodes" on one machine: two supervisors, each with its own launcher (--nnodes 2)."""
-import subprocess
+import socket
 
 import pytest
 
-from helpers import REPO, assert_no_leftovers, command, kill_session, run, summary, worker_digests
+from helpers import assert_no_leftovers, kill_session, run, start, summary, wait, worker_digests
 
 pytestmark = pytest.mark.slow
 
@@ -11,18 +11,20 @@ pytestmark = pytest.mark.slow
 def test_two_nodes_of_one_worker_train_like_one_node_of_two(tmp_path):
     single = tmp_path / "single"
     assert run(single, "train.max_steps=24").returncode == 0
-    nodes = []
-    for rank in (0, 1):
-        argv = command(tmp_path / f"node{rank}", "train.max_steps=24", "launch.nnodes=2",
-                       f"launch.node_rank={rank}", "launch.master=127.0.0.1:29531",
-                       "launch.nproc_per_node=1", f"checkpoint.dir={tmp_path / 'shared-ckpt'}")
-        nodes.append(subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True, start_new_session=True))
+    with socket.socket() as probe:  # a free port for the launchers' rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    nodes = [start(tmp_path / f"node{rank}", "train.max_steps=24", "launch.nnodes=2",
+                   f"launch.node_rank={rank}", f"launch.master=127.0.0.1:{port}",
+                   "launch.nproc_per_node=1", f"checkpoint.dir={tmp_path / 'shared-ckpt'}")
+             for rank in (0, 1)]
     try:
-        outs = [p.communicate(timeout=300)[0] for p in nodes]
+        outs = [wait(p, 300) for p in nodes]
     finally:
-        for p in nodes:
-            kill_session(p)
+        for p in nodes:  # a node whose peer failed would wait for it forever
+            if p.poll() is None:
+                kill_session(p)
+                p.communicate(timeout=30)
     assert [p.returncode for p in nodes] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     # Each node logs its one worker as workerlog.0 (the launcher numbers them per node).
     digests = [worker_digests(tmp_path / f"node{rank}").get(0) for rank in (0, 1)]

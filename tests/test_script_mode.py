@@ -14,13 +14,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import psutil
 import pytest
 
 paddle = pytest.importorskip("paddle")
 
-from helpers import REPO, assert_no_leftovers, kill_session, wait_for
+from helpers import REPO, assert_no_leftovers, killed_on_error, wait_for
 from paddlerun.trainer.checkpoint import CheckpointStore
+from paddlerun.trainer.heartbeat import process_alive
 
 EXAMPLE = REPO / "examples" / "train_script.py"
 STEPS = 60
@@ -46,12 +46,8 @@ def start(run_dir: Path) -> subprocess.Popen:
 
 
 def finish(proc: subprocess.Popen, timeout: float = 90) -> str:
-    try:
+    with killed_on_error(proc):
         out, _ = proc.communicate(timeout=timeout)
-    except BaseException:
-        kill_session(proc)
-        proc.communicate(timeout=30)
-        raise
     return out
 
 
@@ -81,14 +77,7 @@ def workers(run_dir: Path) -> dict:
 
 def assert_workers_gone(*pids) -> None:
     """The example's command line does not name the run dir: check its workers by pid."""
-    def alive(pid, create_time):
-        try:
-            proc = psutil.Process(pid)
-            return abs(proc.create_time() - create_time) < 0.01 and \
-                proc.status() != psutil.STATUS_ZOMBIE
-        except psutil.Error:
-            return False
-    wait_for(lambda: not any(alive(*p) for p in pids), timeout=15, what=f"workers {pids} to exit")
+    wait_for(lambda: not any(process_alive(*p) for p in pids), timeout=15, what=f"workers {pids} to exit")
 
 
 def wait_for_snapshot(run_dir: Path, proc: subprocess.Popen, step: int) -> None:
@@ -128,14 +117,10 @@ def test_script_runs_to_the_end_under_the_supervisor(reference):
 def test_killed_worker_is_restarted_and_the_run_ends_identical(tmp_path, reference):
     run_dir = tmp_path / "run"
     proc = start(run_dir)
-    try:
+    with killed_on_error(proc):
         wait_for_snapshot(run_dir, proc, 10)
         first = workers(run_dir)
         os.kill(first[1][0], signal.SIGKILL)
-    except BaseException:
-        kill_session(proc)
-        proc.communicate(timeout=30)
-        raise
     out = finish(proc)
     assert proc.returncode == 0, out[-5000:]
     assert digest_of(out) == digest_of(reference[1])
@@ -154,14 +139,10 @@ def test_sigterm_to_the_supervisor_snapshots_exits_75_and_a_rerun_ends_identical
                                                                                   reference):
     run_dir = tmp_path / "run"
     proc = start(run_dir)
-    try:
+    with killed_on_error(proc):
         wait_for_snapshot(run_dir, proc, 10)
         first = workers(run_dir)
         os.kill(proc.pid, signal.SIGTERM)  # what a scheduler does to preempt the job
-    except BaseException:
-        kill_session(proc)
-        proc.communicate(timeout=30)
-        raise
     out = finish(proc)
     assert proc.returncode == 75, out[-5000:]
     assert "digest" not in out

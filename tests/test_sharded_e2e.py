@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from helpers import (REPO, assert_no_leftovers, events, heartbeat, run, start, summary, wait_for,
+from helpers import (REPO, assert_no_leftovers, events, heartbeat, killed_on_error, run, start, summary, wait_for,
                      worker_digests)
 
 pytestmark = pytest.mark.slow
@@ -137,15 +137,11 @@ def test_resuming_on_another_world_size_is_refused(tmp_path, reference):
 
 def test_sigkill_of_rank_1_recovers_from_the_scheduled_snapshot(tmp_path, reference):
     proc = start(tmp_path, f"train.max_steps={TOTAL}", *SHARDED)
-    try:
+    with killed_on_error(proc):
         pid = wait_for(lambda: (heartbeat(tmp_path, 1) or {}).get("step", 0) >= 12
                        and heartbeat(tmp_path, 1)["pid"], 120, "rank 1 to pass step 12")
         os.kill(pid, signal.SIGKILL)
         out, _ = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate(timeout=30)
     assert_no_leftovers(tmp_path)
     assert proc.returncode == 0, out[-5000:]
     failed = next(e for e in events(tmp_path) if e["event"] == "worker_failed")

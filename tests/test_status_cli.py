@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import REPO, assert_no_leftovers, heartbeat, kill_session, start, wait_for
+from helpers import REPO, assert_no_leftovers, heartbeat, killed_on_error, start, wait_for
 from paddlerun.launcher.cli import main
 from paddlerun.trainer.events import read_events
 
@@ -38,7 +38,7 @@ def cli(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
 def restarted_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("status-run")
     proc = start(run_dir, f"train.max_steps={TOTAL}", "checkpoint.every_steps=10")
-    try:
+    with killed_on_error(proc):
         def training():
             beats = [heartbeat(run_dir, rank) for rank in (0, 1)]
             return (run_dir / "checkpoints" / "step-00000010").is_dir() and \
@@ -60,10 +60,6 @@ def restarted_run(tmp_path_factory):
         assert stopped_at["phase"] != "done" and stopped_at["step"] < TOTAL - 20, \
             f"the run got too far before the kill to test a restart: {stopped_at}"
         out, _ = proc.communicate(timeout=240)
-    except BaseException:
-        kill_session(proc)
-        proc.communicate(timeout=30)
-        raise
     assert proc.returncode == 0, out[-5000:]
     assert_no_leftovers(run_dir)
     resumed = re.search(r"resumed from \S*step-(\d{8})", out)

@@ -57,6 +57,7 @@ __all__ = [
     "clear_heartbeats",
     "heartbeat_path",
     "lowest_live_rank",
+    "process_alive",
     "read_heartbeats",
     "stale_ranks",
 ]
@@ -322,7 +323,9 @@ def stale_ranks(
     return stale
 
 
-def _process_alive(pid: int, create_time: float) -> bool:
+def process_alive(pid: int, create_time: float) -> bool:
+    """Whether the process ``pid`` started at ``create_time`` (a heartbeat's) still lives:
+    not gone, not a zombie, and not another process that was given the same pid."""
     try:
         proc = psutil.Process(pid)
         return abs(proc.create_time() - create_time) < 0.01 and \
@@ -355,7 +358,7 @@ def lowest_live_rank(directory: PathLike, my_rank: int, remote_fresh_s: float = 
         if mine is not None and hb.attempt != mine.attempt:
             continue
         if hb.host == host:
-            alive = _process_alive(hb.pid, hb.create_time)
+            alive = process_alive(hb.pid, hb.create_time)
         else:
             alive = now - hb.time <= remote_fresh_s
         if alive:
