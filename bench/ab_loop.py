@@ -31,7 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from table import print_table  # bench/table.py: scripts here run with bench/ on sys.path
+from procs import stop  # bench/procs.py: scripts here run with bench/ on sys.path
+from table import print_table
 
 
 def launch_self(argv) -> int:
@@ -39,8 +40,13 @@ def launch_self(argv) -> int:
     with tempfile.TemporaryDirectory(prefix="paddlerun-ab-loop-") as logs:
         cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2",
                "--log_dir", logs, __file__, *argv]
-        code = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              timeout=1800).returncode
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        try:
+            code = proc.wait(timeout=1800)
+        except BaseException:  # a timeout or Ctrl-C: leave no worker behind
+            stop(proc)
+            raise
         out = (Path(logs) / "workerlog.0").read_text()
     print(out[out.find("ab_loop:"):] if "ab_loop:" in out else out[-5000:])
     return code

@@ -37,7 +37,6 @@ import os
 import platform
 import random
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -46,7 +45,8 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
-from table import print_table  # bench/table.py: scripts here run with bench/ on sys.path
+from procs import stop  # bench/procs.py: scripts here run with bench/ on sys.path
+from table import print_table
 from paddlerun.trainer.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -73,9 +73,11 @@ def run(argv: List[str], out: Path, timeout_s: float) -> None:
         try:
             code = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+            stop(proc)
             raise RoundFailed(f"{argv[2]} did not finish within {timeout_s:g} s; see {out}") from None
+        except BaseException:  # Ctrl-C: leave no worker behind
+            stop(proc)
+            raise
     if code != 0:
         raise RoundFailed(f"exit code {code}; see {out}")
 
