@@ -247,11 +247,15 @@ class Checkpointer:
                 time.sleep(0.05)
 
     def close(self) -> None:
-        self.wait()
-        self._host.close()
-        if self._claim is not None:
-            self._claim.release()
-            self._claim = None
+        """Wait for the persist in flight (raising its error), then free the buffers and the
+        writer claim -- those also when the persist failed."""
+        try:
+            self.wait()
+        finally:
+            self._host.close()
+            if self._claim is not None:
+                self._claim.release()
+                self._claim = None
 
     # ------------------------------------------------------------ restore
 
