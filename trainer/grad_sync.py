@@ -19,6 +19,8 @@ import numpy as np
 import paddle
 import paddle.distributed as dist
 
+from paddlerun.trainer.host_copy import dlpack_view
+
 BUCKET_BYTES = 32 << 20
 
 
@@ -104,11 +106,8 @@ def _host_views(grads) -> Optional[List[Optional[np.ndarray]]]:
         if g is None:
             views.append(None)
             continue
-        try:  # numpy refuses memory it cannot address (GPU) and dtypes it lacks (bfloat16)
-            view = np.from_dlpack(g.detach())
-        except (BufferError, RuntimeError, TypeError, ValueError):
-            return None
-        if not view.flags.c_contiguous or not view.flags.writeable:
+        view = dlpack_view(g)  # on the host: GradientSync checked the parameters' place once
+        if view is None or not view.flags.c_contiguous or not view.flags.writeable:
             return None
         views.append(view)
     dtypes = {v.dtype for v in views if v is not None}

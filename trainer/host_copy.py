@@ -43,9 +43,15 @@ def host_view(tensor: paddle.Tensor) -> Optional[np.ndarray]:
     """A zero-copy numpy view of a tensor in host memory; None where there is none."""
     if not tensor.place.is_cpu_place():
         return None
+    return dlpack_view(tensor)
+
+
+def dlpack_view(tensor: paddle.Tensor) -> Optional[np.ndarray]:
+    """``np.from_dlpack`` of a tensor known to be in host memory (for GPU memory, DLPack may
+    hand numpy a copy); None for a dtype numpy lacks (bfloat16)."""
     try:
         return np.from_dlpack(tensor.detach())
-    except (BufferError, RuntimeError, TypeError, ValueError):  # e.g. bfloat16
+    except (BufferError, RuntimeError, TypeError, ValueError):
         return None
 
 
