@@ -9,8 +9,7 @@ split into its stages (all measured by that bench, seconds after the SIGKILL): d
 ``started``) and restart (-> first training step of the new attempt). Training time redone
 (steps lost since the last snapshot x step time) is drawn hatched after it: with an
 emergency snapshot it is 0. The dotted line is the median cold start of the same job.
-Also prints the figures as a table. (``bench/results/checkpoint_bench.json`` holds one
-model size only, so there is no snapshot-cost-against-size plot yet.)
+Also prints the figures as a table. (Snapshot cost against size: bench/plot_snapshot_cost.py.)
 """
 from __future__ import annotations
 

@@ -142,11 +142,10 @@ BAD_CONFIGS = [
     BadConfig("yaml-bad-indent", "train:\n  lr: 0.1\n   epochs: 2\n", "line 3, column 10: not valid YAML"),
 ]
 
-# A config that is not UTF-8 (a binary file, a UTF-16 editor save) escapes the loader as
-# a UnicodeDecodeError: a traceback and exit 1, not a message and exit 2. trainer/config.py
-# load_config calls path.read_text() outside its try (it only catches yaml.YAMLError).
+# A config that is not UTF-8 (a binary file, a UTF-16 editor save): a message naming the
+# byte and exit 2, not a UnicodeDecodeError traceback (load_config catches it).
 NOT_UTF8 = pytest.param(
-    BadConfig("not-utf8", "", "not valid", raw=b"\xff\xfe\x00t\x00r\x00a\x00i\x00n\x00:\x00\n\x00"),
+    BadConfig("not-utf8", "", "not valid UTF-8 text", raw=b"\xff\xfe\x00t\x00r\x00a\x00i\x00n\x00:\x00\n\x00"),
     id="not-utf8")
 
 

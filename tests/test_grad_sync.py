@@ -37,6 +37,7 @@ def test_numpy_views_and_paddle_ops_give_the_same_bits(fake_peer, bucket_bytes):
     before = grads(model)
     sync = GradientSync(model.parameters(), world_size=2, bucket_bytes=bucket_bytes)
     assert sync.on_host
+    assert (len(sync.buckets) > 1) == (bucket_bytes < grad_sync.BUCKET_BYTES)
     sync()
     via_views = grads(model)
     for name, g in before.items():  # the average of g and g + 1, to the bit as Paddle computes it
