@@ -72,14 +72,6 @@ def test_a_failed_async_persist_surfaces_at_the_end(tmp_path):
     again.close()
 
 
-@pytest.mark.parametrize("asked, world_size, sharded", [(True, 2, True), (True, 1, False), (False, 2, False)])
-def test_trainer_and_checkpointer_share_one_rule_for_a_sharded_optimizer(asked, world_size, sharded):
-    # worker_setup builds the Checkpointer, loop.Trainer the optimizer, both by this rule:
-    # one worker asked for sharding trains a plain optimizer and must save it as one file.
-    from paddlerun.trainer import sharding
-    assert sharding.enabled(asked, world_size) is sharded
-
-
 def test_at_most_one_persist_in_flight(tmp_path, monkeypatch):
     monkeypatch.setenv("PADDLERUN_TEST_PAUSE_BEFORE_COMMIT", "1:1.5")
     ckpt, trainer = make(tmp_path)
