@@ -1,0 +1,69 @@
+"""NumpyRngReader must say exactly what np.random.get_state() says, whatever drew in between."""
+import numpy as np
+import pytest
+
+from paddlerun.trainer.numpy_rng import NumpyRngReader
+
+
+def assert_same_state(got, want):
+    assert got[0] == want[0]
+    np.testing.assert_array_equal(got[1], want[1])
+    assert got[2:] == want[2:]
+
+
+@pytest.fixture(autouse=True)
+def keep_global_rng():
+    saved = np.random.get_state()
+    yield
+    np.random.set_bit_generator(np.random.MT19937())  # undo any swap below
+    np.random.set_state(saved)
+
+
+def test_unchanged_state_is_reused_and_any_draw_is_seen():
+    np.random.seed(3)
+    reader = NumpyRngReader()
+    first = reader.get_state()
+    assert reader.get_state() is first  # nothing drew: the same tuple, no full read
+    assert reader._fast
+    for draw in (lambda: np.random.rand(), lambda: np.random.randint(10, size=700),
+                 lambda: np.random.seed(4), lambda: np.random.set_state(first),
+                 lambda: np.random.shuffle(np.arange(5))):
+        draw()
+        assert_same_state(reader.get_state(), np.random.get_state())
+    assert reader._fast
+
+
+def test_cached_gaussian_consumed_without_a_draw_is_seen():
+    np.random.seed(5)
+    reader = NumpyRngReader()
+    np.random.standard_normal()  # draws a pair and caches the second: has_gauss = 1
+    cached = reader.get_state()
+    assert cached[3] == 1
+    np.random.standard_normal()  # uses the cache: key and pos unchanged, has_gauss = 0
+    assert_same_state(reader.get_state(), np.random.get_state())
+    assert reader.get_state()[3] == 0
+
+
+@pytest.mark.filterwarnings("ignore:get_state and legacy")
+def test_another_bit_generator_falls_back_to_full_reads():
+    reader = NumpyRngReader()
+    reader.get_state()
+    np.random.set_bit_generator(np.random.PCG64(1))
+    np.random.random()
+    assert reader.get_state()["bit_generator"] == "PCG64"  # get_state's dict form for non-MT
+    np.random.random()
+    assert reader.get_state()["state"] == np.random.get_state()["state"]
+    np.random.set_bit_generator(np.random.MT19937(2))
+    assert_same_state(reader.get_state(), np.random.get_state())
+    np.random.random()
+    assert_same_state(reader.get_state(), np.random.get_state())
+
+
+def test_a_layout_it_does_not_understand_turns_the_fast_path_off():
+    reader = NumpyRngReader()
+    reader.get_state()
+    reader._address += 4  # as if the struct had another layout
+    assert_same_state(reader.get_state(), np.random.get_state())
+    assert not reader._fast
+    np.random.rand()
+    assert_same_state(reader.get_state(), np.random.get_state())
