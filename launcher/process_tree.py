@@ -362,7 +362,7 @@ class ProcessTree:
         the launch process itself: its status belongs to ``Popen`` -- stealing it
         would turn its return code into 0. A zombie that died before the tree ever
         saw it alive stays a zombie until the supervisor exits (harmless: it holds
-        a pid, nothing else); calling this every second or so (the supervisor's
+        a pid, nothing else); calling this every few seconds (the supervisor's
         ``TREE_SCAN_S``) makes that rare.
         """
         self.members()  # refresh: learn about live orphans before they die

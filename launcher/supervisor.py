@@ -67,8 +67,10 @@ POLL_S = 0.1
 #: How often the whole process table is scanned for the tree's orphans (to reap them).
 #: Dead workers are found every POLL_S from their heartbeat pids, not from this scan,
 #: which costs ~30 us per process on the machine (measured): every tick would take ~2 %
-#: of a core from training on a small host and far more on a busy one.
-TREE_SCAN_S = 1.0
+#: of a core from training on a small host and far more on a busy one. At 1 s the scan
+#: was still 70 % of the supervisor's CPU (py-spy). Teardown scans again in any case,
+#: so all a longer period delays is reaping a zombie orphan.
+TREE_SCAN_S = 5.0
 #: SIGTERM -> SIGKILL grace when tearing a failed attempt down.
 TEARDOWN_TERM_S = 5.0
 #: After a worker died: how long paddle's launcher gets to stop the others itself (it
