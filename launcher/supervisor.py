@@ -22,6 +22,7 @@ import psutil
 from filelock import FileLock, Timeout
 
 from paddlerun.launcher import exit_codes, root_cause
+from paddlerun.launcher.console_log import LaunchLogForwarder, unshown_lines
 from paddlerun.launcher.launch import LaunchSpec
 from paddlerun.launcher.process_tree import ProcessTree, become_subreaper
 from paddlerun.launcher.restart_policy import Failure, RestartPolicy
@@ -97,7 +98,7 @@ class Supervisor:
         self.attempt_started = 0.0
         self.signals: List[int] = []
         self.events: Optional[EventLog] = None
-        self._log_pos = 0
+        self.console = LaunchLogForwarder(self.stream)
         self._dead: Dict[int, tuple] = {}
         self._pending: Optional[Failure] = None
         self._lock: Optional[FileLock] = None
@@ -162,7 +163,7 @@ class Supervisor:
         log_dir = self.spec.log_dir(self.attempt)
         log_dir.mkdir(parents=True, exist_ok=True)
         launch_log = open(log_dir / "launch.log", "ab")
-        self._log_pos = launch_log.tell()
+        self.console.follow(log_dir / "launch.log", launch_log.tell())
         argv = self.spec.argv(self.attempt)
         env = self.spec.env(self.attempt, restarts=len(self.failures),
                             tty=self.stream.isatty() if hasattr(self.stream, "isatty") else False)
@@ -309,6 +310,8 @@ class Supervisor:
 
     def _teardown(self, why: str) -> None:
         killed = self.tree.close(TEARDOWN_TERM_S)
+        self._forward_launch_output()
+        self._show_unshown_worker_lines()
         self.tree.reap_orphans()
         left = [p.pid for p in self.tree.members()]
         self._emit("teardown", why=why, processes=len(killed),
@@ -316,30 +319,23 @@ class Supervisor:
 
     def _diagnose(self, kind: str, beats, **facts) -> Failure:
         self._forward_launch_output()
+        launch = self.config.launch
         return root_cause.diagnose(kind, self.run_dir, self.attempt, self.spec.log_dir(self.attempt),
-                                   beats, **facts)
+                                   beats, first_rank=launch.node_rank * self.spec.nproc_per_node, **facts)
 
     def _print_report(self, failure: Failure) -> None:
         print(root_cause.report(failure), file=sys.stderr)
 
     def _forward_launch_output(self) -> None:
-        """Copy what the launch process wrote since last time to our stdout."""
-        path = self.spec.log_dir(self.attempt) / "launch.log"
-        try:
-            with open(path, "rb") as f:
-                f.seek(self._log_pos)
-                data = f.read()
-        except FileNotFoundError:
-            return
-        if data:
-            self._log_pos += len(data)
-            out = getattr(self.stream, "buffer", None)
-            if out is not None:
-                self.stream.flush()
-                out.write(data)
-                out.flush()
-            else:
-                self.stream.write(data.decode(errors="replace"))
+        self.console.forward()
+
+    def _show_unshown_worker_lines(self) -> None:
+        """After a teardown: the end of local rank 0's log that the launcher had not shown."""
+        log_dir = self.spec.log_dir(self.attempt)
+        lines = unshown_lines(log_dir / "workerlog.0", log_dir / "launch.log")
+        if lines:
+            header = f"paddlerun: the launcher stopped before showing the end of {log_dir / 'workerlog.0'}:\n"
+            self.console.write((header + "\n".join(lines) + "\n").encode())
 
     def _install_signal_handlers(self):
         def on_signal(signum, frame):

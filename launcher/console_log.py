@@ -1,0 +1,78 @@
+"""What the user sees of an attempt: ``launch.log`` copied to the console as it grows.
+
+Paddle's launcher copies its local rank 0's ``workerlog.0`` into its own output
+(``launch.log``) every ~2 s. When a failed attempt is torn down, the launcher may not
+have copied the last lines yet -- often the most telling ones (the last steps, the
+emergency snapshot). :func:`unshown_lines` finds them, so the supervisor can show them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, TextIO
+
+#: How much of the end of each log is compared (the launcher copies up to 1000 lines at a time).
+TAIL_BYTES = 256 << 10
+#: At most this many lines are shown: a mismatch can only cost this many repeated lines.
+MAX_LINES = 50
+
+
+class LaunchLogForwarder:
+    """Copies what was appended to ``launch.log`` since the last call to ``stream``."""
+
+    def __init__(self, stream: TextIO):
+        self.stream = stream
+        self.path = None
+        self.pos = 0
+
+    def follow(self, path: Path, pos: int) -> None:
+        """Forward ``path`` from byte ``pos`` on (a new attempt's log)."""
+        self.path, self.pos = path, pos
+
+    def forward(self) -> None:
+        if self.path is None:
+            return
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.pos)
+                data = f.read()
+        except FileNotFoundError:
+            return
+        if data:
+            self.pos += len(data)
+            self.write(data)
+
+    def write(self, data: bytes) -> None:
+        out = getattr(self.stream, "buffer", None)
+        if out is not None:
+            self.stream.flush()
+            out.write(data)
+            out.flush()
+        else:
+            self.stream.write(data.decode(errors="replace"))
+
+
+def unshown_lines(worker_log: Path, launch_log: Path) -> List[str]:
+    """The last lines of ``worker_log`` that ``launch_log`` does not show yet.
+
+    The launcher copies the worker's log in order, line by line, so what it has not
+    copied is what follows the last worker line found in ``launch_log``. A line that
+    repeats an earlier one can only make this show too little, never twice.
+    """
+    worker = _tail_lines(worker_log)
+    shown = set(_tail_lines(launch_log))
+    for k in range(len(worker) - 1, -1, -1):
+        if worker[k] in shown:
+            return worker[k + 1:][-MAX_LINES:]
+    return worker[-MAX_LINES:]
+
+
+def _tail_lines(path: Path) -> List[str]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            start = max(f.tell() - TAIL_BYTES, 0)
+            f.seek(start)
+            lines = f.read().decode(errors="replace").splitlines()
+    except FileNotFoundError:
+        return []
+    return lines[1:] if start else lines  # the first line may be cut

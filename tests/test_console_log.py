@@ -1,0 +1,62 @@
+"""The end of a worker's log that Paddle's launcher had not copied when the attempt was torn down."""
+import io
+
+from paddlerun.launcher.console_log import MAX_LINES, TAIL_BYTES, LaunchLogForwarder, unshown_lines
+
+WORKER = [f"step {i}/63 - loss: 0.{i:04d}" for i in range(1, 11)]
+LAUNCHER = ["LAUNCH INFO 2026-11-30 watching pod", "LAUNCH INFO 2026-11-30 ..."]
+
+
+def write(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def test_lines_after_the_last_copied_one_are_unshown(tmp_path):
+    worker = write(tmp_path / "workerlog.0", WORKER)
+    launch = write(tmp_path / "launch.log", LAUNCHER[:1] + WORKER[:4] + LAUNCHER[1:] + WORKER[4:6])
+    assert unshown_lines(worker, launch) == WORKER[6:]
+
+
+def test_everything_copied_or_no_worker_log_shows_nothing(tmp_path):
+    worker = write(tmp_path / "workerlog.0", WORKER)
+    launch = write(tmp_path / "launch.log", LAUNCHER + WORKER + LAUNCHER)
+    assert unshown_lines(worker, launch) == []
+    assert unshown_lines(tmp_path / "workerlog.9", launch) == []
+
+
+def test_nothing_copied_shows_the_last_lines_only(tmp_path):
+    many = [f"line {i}" for i in range(3 * MAX_LINES)]
+    worker = write(tmp_path / "workerlog.0", many)
+    launch = write(tmp_path / "launch.log", LAUNCHER)
+    assert unshown_lines(worker, launch) == many[-MAX_LINES:]
+    assert unshown_lines(worker, tmp_path / "no-launch.log") == many[-MAX_LINES:]
+
+
+def test_a_repeated_line_can_only_show_too_little(tmp_path):
+    worker = write(tmp_path / "workerlog.0", ["warning: slow", "step 1", "warning: slow", "step 2"])
+    launch = write(tmp_path / "launch.log", ["warning: slow", "step 1"])
+    assert unshown_lines(worker, launch) == ["step 2"]
+
+
+def test_only_the_ends_of_long_logs_are_read(tmp_path):
+    long = [f"early line {i:07d}" for i in range(2 * TAIL_BYTES // 20)]
+    worker = write(tmp_path / "workerlog.0", long + WORKER)
+    launch = write(tmp_path / "launch.log", long + WORKER[:8])
+    assert unshown_lines(worker, launch) == WORKER[8:]
+
+
+def test_forwarder_copies_what_was_appended_since_the_last_call(tmp_path):
+    log = tmp_path / "launch.log"
+    log.write_bytes(b"from an earlier attempt\n")
+    out = io.StringIO()
+    console = LaunchLogForwarder(out)
+    console.forward()  # nothing followed yet
+    console.follow(log, log.stat().st_size)
+    with open(log, "ab") as f:
+        f.write(b"one\n")
+    console.forward()
+    with open(log, "ab") as f:
+        f.write(b"two \xff\n")
+    console.forward()
+    assert out.getvalue() == "one\ntwo \ufffd\n"
