@@ -54,6 +54,7 @@ __all__ = [
     "PHASES",
     "Heartbeat",
     "HeartbeatWriter",
+    "NO_HEARTBEAT",
     "clear_heartbeats",
     "heartbeat_path",
     "lowest_live_rank",
@@ -63,6 +64,9 @@ __all__ = [
 ]
 
 PHASES = frozenset({"init", "train", "eval", "checkpoint", "done"})
+#: How :func:`stale_ranks` starts the reason of a rank whose heartbeat stopped (the
+#: process is dead or stopped), as opposed to one whose training stopped progressing.
+NO_HEARTBEAT = "no heartbeat"
 
 _PREFIX = "rank-"
 _SUFFIX = ".json"
@@ -313,7 +317,7 @@ def stale_ranks(
         where = f"at step {hb.step}, phase {hb.phase} (pid {hb.pid} on {hb.host})"
         if hb.age(now) > timeout:
             stale[rank] = (
-                f"no heartbeat for {hb.age(now):.1f} s {where}: "
+                f"{NO_HEARTBEAT} for {hb.age(now):.1f} s {where}: "
                 f"the process is dead, stopped (SIGSTOP) or frozen")
         elif hb.progress_age(now) > timeout:
             stale[rank] = (
