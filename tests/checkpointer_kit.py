@@ -18,11 +18,14 @@ class FakeTrainer:
     position: Position
 
 
-def make_checkpointer(run_dir, directory="ckpt", sharded=False, **checkpoint):
+def make_checkpointer(run_dir, directory="ckpt", sharded=False, sharded_optimizer=False, **checkpoint):
     """(Checkpointer writing to ``run_dir/directory``, a FakeTrainer over Linear(8, 4) + Adam);
-    ``checkpoint`` overrides keys of the checkpoint config."""
+    one worker. ``sharded``: the optimizer state is sharded (the Checkpointer's argument);
+    ``sharded_optimizer``: the config asks for it. ``checkpoint`` overrides keys of the
+    checkpoint config."""
     config = Config()
-    config = dataclasses.replace(config, checkpoint=dataclasses.replace(config.checkpoint, **checkpoint))
+    config = dataclasses.replace(config, checkpoint=dataclasses.replace(config.checkpoint, **checkpoint),
+                                 train=dataclasses.replace(config.train, sharded_optimizer=sharded_optimizer))
     env = WorkerEnv(rank=0, world_size=1, local_rank=0, nnodes=1, attempt=0, restarts=0,
                     run_dir=run_dir, checkpoint_dir=run_dir / directory, config_path=None, tty=False)
     paddle.seed(0)

@@ -1,4 +1,5 @@
 """The worker-side Checkpointer in one process: async persist, its errors, restore."""
+import json
 import os
 import time
 
@@ -105,6 +106,42 @@ def test_switching_the_sharded_optimizer_on_is_refused_not_restarted_from_scratc
                                                    "train.sharded_optimizer: false"):
         sharded.restore(fresh)
     sharded.close()
+
+
+def optimizer_state(trainer):
+    return {k: v.numpy() for k, v in tstate.optimizer_tensors(trainer.optimizer)[0].items()}
+
+
+def test_one_worker_asking_for_a_sharded_optimizer_saves_and_resumes_a_whole_one(tmp_path):
+    # One worker has nobody to share with: the trainer builds a plain optimizer, and
+    # the snapshot says so (anything else would ask a 2-worker resume for shards).
+    ckpt, trainer = make(tmp_path, sharded=False, sharded_optimizer=True)
+    train_step(trainer, 2)
+    ckpt.save(trainer, wait=True)
+    ckpt.close()
+    snapshot = CheckpointStore(tmp_path / "ckpt").snapshots()[-1].path
+    assert (snapshot / "optimizer.safetensors").is_file()
+    state = json.loads((snapshot / "trainer_state.json").read_text())
+    assert state["sharded_optimizer"] is False
+    again, fresh = make(tmp_path, sharded=False, sharded_optimizer=True)
+    assert again.restore(fresh).step == 2
+    for name, value in optimizer_state(trainer).items():
+        np.testing.assert_array_equal(optimizer_state(fresh)[name], value, err_msg=name)
+    again.close()
+
+
+def test_a_one_rank_shard_written_by_older_versions_resumes_as_a_whole_optimizer(tmp_path):
+    old, trainer = make(tmp_path, sharded=True, sharded_optimizer=True)  # what they did
+    train_step(trainer, 2)
+    old.save(trainer, wait=True)
+    old.close()
+    snapshot = CheckpointStore(tmp_path / "ckpt").snapshots()[-1].path
+    assert not (snapshot / "optimizer.safetensors").exists()
+    now, fresh = make(tmp_path, sharded=False, sharded_optimizer=True)
+    assert now.restore(fresh).step == 2
+    for name, value in optimizer_state(trainer).items():
+        np.testing.assert_array_equal(optimizer_state(fresh)[name], value, err_msg=name)
+    now.close()
 
 
 def test_a_save_while_the_last_persist_runs_keeps_both_snapshots_exact(tmp_path, monkeypatch):

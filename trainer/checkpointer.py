@@ -65,7 +65,10 @@ class Checkpointer:
         self.config_hash = config.hash()
         self.env = env
         self.run_dir = run_dir
+        #: The optimizer state really is sharded (see sharding.enabled); the config may ask
+        #: for it with one worker, where it is not.
         self.sharded = sharded
+        self.sharding_asked = config.train.sharded_optimizer
         self.events = events
         self.store = CheckpointStore(directory, lock_timeout_s=self.cfg.lock_timeout_s)
         self.is_writer = env.rank == 0
@@ -293,11 +296,10 @@ class Checkpointer:
                         raise CheckpointError(f"{path / STATE_FILE} lacks the keys "
                                               f"{sorted(REQUIRED_STATE_KEYS)}: it is corrupt")
                     self._check_compatible(state, path)
-                    opt_name = shard_file(self.env.rank) if self.sharded else OPTIMIZER_FILE
+                    opt_name = _optimizer_file(state, self.env.rank)
                     if opt_name not in info.files:
-                        raise CheckpointError(
-                            f"{path}: has no {opt_name}; it was written "
-                            f"{'without' if self.sharded else 'with'} a sharded optimizer")
+                        raise CheckpointError(f"{path}: has no {opt_name}, which its "
+                                              f"{STATE_FILE} says it holds: it is corrupt")
                     model = info.read_tensors(MODEL_FILE)
                     optimizer = info.read_tensors(opt_name)
             except CheckpointError as e:
@@ -329,20 +331,35 @@ class Checkpointer:
         if state["global_batch_size"] % self.env.world_size:
             raise tstate.StateMismatch(f"{path}: its global batch {state['global_batch_size']} does not "
                                   f"divide among {self.env.world_size} workers")
-        if bool(state.get("sharded_optimizer")) != self.sharded:
-            raise tstate.StateMismatch(
-                f"{path}: written {'with' if state.get('sharded_optimizer') else 'without'} a "
-                f"sharded optimizer; set train.sharded_optimizer: "
-                f"{str(bool(state.get('sharded_optimizer'))).lower()} to resume it, or use a new run dir")
-        if self.sharded and state["world_size"] != self.env.world_size:
+        written_sharded = _sharded_on_disk(state)
+        if written_sharded and state["world_size"] != self.env.world_size:
             raise tstate.StateMismatch(f"{path}: written by {state['world_size']} ranks with a sharded "
                                   f"optimizer; resuming it on {self.env.world_size} is not supported "
                                   f"(each rank saved only its own shard of the optimizer state): run "
-                                  f"it with {state['world_size']} workers")
+                                  f"it with {state['world_size']} workers"
+                                  + ("" if self.sharding_asked else " and train.sharded_optimizer: true"))
+        if written_sharded != self.sharded:
+            raise tstate.StateMismatch(
+                f"{path}: written {'with' if written_sharded else 'without'} a "
+                f"sharded optimizer; set train.sharded_optimizer: "
+                f"{str(written_sharded).lower()} to resume it, or use a new run dir")
         if state["config_hash"] != self.config_hash and self.env.rank == 0:
             log.warning("%s was written with a different train config (hash %s, now %s); "
                         "resuming anyway: the model's shapes are checked next", path,
                         state["config_hash"][:12], self.config_hash[:12])
+
+
+def _sharded_on_disk(state: dict) -> bool:
+    """Whether a snapshot holds its optimizer state as one shard per rank. A "shard" of one
+    rank is the whole state: older versions wrote those for one worker with
+    ``sharded_optimizer`` set, and they resume like an unsharded snapshot."""
+    return bool(state.get("sharded_optimizer")) and state["world_size"] > 1
+
+
+def _optimizer_file(state: dict, rank: int) -> str:
+    if not state.get("sharded_optimizer"):
+        return OPTIMIZER_FILE
+    return shard_file(rank if _sharded_on_disk(state) else 0)
 
 
 def _write_all(staging, files: Dict[str, Dict[str, np.ndarray]], side_by_side: bool) -> None:

@@ -75,7 +75,7 @@ class Trainer:
         self.device = select_device(config.launch.device, env.local_rank)
         seed_everything(self.train.seed)
         # Fleet's sharded optimizer does the gradient reduction itself (trainer/sharding.py).
-        self.sharded = self.train.sharded_optimizer and env.world_size > 1
+        self.sharded = sharding.enabled(self.train.sharded_optimizer, env.world_size)
         if env.world_size > 1:
             wait_for_master(config.supervisor.start_timeout_s)
         if self.sharded:

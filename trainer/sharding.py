@@ -18,6 +18,13 @@ import paddle
 from paddle.distributed import fleet
 
 
+def enabled(sharded_optimizer: bool, world_size: int) -> bool:
+    """Whether the optimizer state is really sharded: asked for, and more than one rank to
+    share it (with one worker the plain optimizer holds all of it). The trainer and the
+    checkpointer must agree on this."""
+    return sharded_optimizer and world_size > 1
+
+
 def init(world_size: int) -> None:
     """Initialize the process group with every rank in one sharding group."""
     strategy = fleet.DistributedStrategy()

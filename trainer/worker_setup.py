@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict
 
-from paddlerun.trainer import control, signals
+from paddlerun.trainer import control, sharding, signals
 from paddlerun.trainer.checkpointer import Checkpointer
 from paddlerun.trainer.config import Config
 from paddlerun.trainer.env import WorkerEnv
@@ -18,7 +18,8 @@ def run_worker(config: Config, env: WorkerEnv, run_dir: Path, heartbeat=None) ->
     # Any rank may commit (an emergency snapshot after rank 0 died), so every rank can emit.
     events = EventLog(run_dir / "events.jsonl")
     checkpointer = Checkpointer(config, env, checkpoint_dir, run_dir,
-                                sharded=config.train.sharded_optimizer, events=events)
+                                sharded=sharding.enabled(config.train.sharded_optimizer, env.world_size),
+                                events=events)
 
     def stop_requested() -> bool:
         return signals.stop_signalled() or control.stop_requested(run_dir)
