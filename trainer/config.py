@@ -70,7 +70,8 @@ class SupervisorConfig:
     heartbeat_interval_s: float = 1.0
     hang_timeout_s: float = 60.0
     #: Like hang_timeout_s, for start-up (import paddle, rendezvous, data, restore), which is
-    #: slow on a busy machine and waits for every node.
+    #: slow on a busy machine and waits for every node. The supervisor never gives start-up
+    #: less than hang_timeout_s: a user who raises that one alone means start-up, too.
     start_timeout_s: float = 180.0
     preempt_grace_s: float = 60.0
     preempt_signals: typing.List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
