@@ -29,9 +29,10 @@ import paddle
 import paddle.distributed as dist
 
 from paddlerun.trainer import state as tstate
-from paddlerun.trainer.checkpoint.layout import MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, shard_file
+from paddlerun.trainer.checkpoint.layout import (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, shard_file,
+                                                 snapshot_name)
 from paddlerun.trainer.checkpoint import (CheckpointError, CheckpointStore, WriterBusyError,
-                                          resolve_snapshot)
+                                          inspect_snapshot, resolve_snapshot)
 from paddlerun.trainer.config import Config
 from paddlerun.trainer.env import WorkerEnv
 from paddlerun.trainer.host_copy import HostBuffers
@@ -226,8 +227,7 @@ class Checkpointer:
             self.wait()
         except CheckpointError as e:
             log.warning("the snapshot in flight failed: %s", e)
-        step = trainer.position.step
-        if any(info.step == step and info.complete for info in self.store.snapshots()):
+        if self._committed(trainer.position.step):
             return None  # committed already (a non-writer's last_saved_step proves nothing)
         if not self.is_writer:  # rank 0 died: its claim dies with it, a moment later
             self._claim = self._claim_writer_after_dead_owner({
@@ -237,6 +237,13 @@ class Checkpointer:
         path = self.persist(self.capture(trainer, "emergency", rng))
         self.last_saved_step = trainer.position.step
         return path
+
+    def _committed(self, step: int) -> bool:
+        path = self.store.directory / snapshot_name(step)
+        try:
+            return inspect_snapshot(path, verify=False).complete
+        except CheckpointError:  # no such snapshot
+            return False
 
     def _claim_writer_after_dead_owner(self, owner: Dict[str, Any], timeout_s: float = 2.0):
         """The dead writer's lock is released when the kernel has closed its files: retry briefly."""
@@ -268,9 +275,9 @@ class Checkpointer:
         The run's own snapshots win over ``resume_from``: after a restart they are newer.
         Candidates are tried newest first; each file is verified (size, sha256) as it is
         read, and a snapshot that fails is skipped with a warning for the next older one.
-        With a sharded optimizer every rank reads a different shard, so every file of every
-        snapshot is hashed first (all ranks then pick the same one) and the ranks check that
-        they resumed from the same step.
+        With a sharded optimizer every rank reads a different shard, so every file of a
+        candidate is hashed before it is tried (all ranks then pick the same one) and the
+        ranks check that they resumed from the same step.
         """
         position = self._restore(trainer, resume_from)
         if self.sharded and self.env.world_size > 1:
@@ -280,7 +287,7 @@ class Checkpointer:
     def _restore(self, trainer, resume_from: Optional[str]):
         from paddlerun.trainer.loop import Position
         candidates = []
-        for info in reversed(self.store.snapshots(verify=self.sharded)):
+        for info in reversed(self.store.snapshots()):
             if info.complete:
                 candidates.append(info.path)
             else:
@@ -289,6 +296,8 @@ class Checkpointer:
         if not candidates and resume_from:
             candidates = [resolve_snapshot(resume_from)]
         for path in candidates:
+            if self.sharded and not self._verified_everywhere(path):
+                continue
             try:
                 with self.store.reading(path) as info:
                     state = info.read_json(STATE_FILE)
@@ -313,7 +322,7 @@ class Checkpointer:
                 # Written by this very config, yet it does not fit: it lies, so it is corrupt.
                 log.warning("skipping snapshot %s: %s", path, e)
                 continue
-            tstate.restore_model(trainer.layer, model, source=str(path))
+            tstate.load_model(trainer.layer, model)
             tstate.restore_optimizer(trainer.optimizer, optimizer, state["optimizer_extra"])
             tstate.restore_rng(state["rng"])
             self.last_saved_step = state["step"]
@@ -323,6 +332,19 @@ class Checkpointer:
         if candidates:
             log.warning("no usable snapshot in %s: starting from scratch", self.store.directory)
         return None
+
+    @staticmethod
+    def _verified_everywhere(path: Path) -> bool:
+        """Every file of ``path`` is intact, the other ranks' shards too: each rank reads
+        only its own shard, yet all must decide alike."""
+        try:
+            info = inspect_snapshot(path, verify=True)
+        except CheckpointError as e:  # gone meanwhile
+            log.warning("skipping snapshot %s: %s", path, e)
+            return False
+        if not info.complete:
+            log.warning("skipping snapshot %s (%s): %s", path, info.state, info.problem)
+        return info.complete
 
     def _check_compatible(self, state: dict, path: Path) -> None:
         if state.get("format") != FORMAT_VERSION:

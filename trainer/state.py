@@ -119,6 +119,11 @@ def check_model(layer: paddle.nn.Layer, arrays: Dict[str, np.ndarray], source: s
 def restore_model(layer: paddle.nn.Layer, arrays: Dict[str, np.ndarray], source: str) -> None:
     """Load ``arrays`` into ``layer``, refusing any difference in names, shapes or dtypes."""
     check_model(layer, arrays, source)
+    load_model(layer, arrays)
+
+
+def load_model(layer: paddle.nn.Layer, arrays: Dict[str, np.ndarray]) -> None:
+    """Load ``arrays`` that :func:`check_model` accepted into ``layer``."""
     unwrap(layer).set_state_dict({name: paddle.to_tensor(a) for name, a in arrays.items()})
 
 
