@@ -338,7 +338,9 @@ class ProcessTree:
                     out.append(proc)
                 else:  # an environment never gains the marker later: do not read it again
                     self._unmarked.add((pid, ctime))
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
+            except psutil.AccessDenied:  # another user's process: never ours, never readable
+                self._unmarked.add((pid, ctime))
+            except (psutil.NoSuchProcess, psutil.ZombieProcess, OSError):
                 continue
         return out
 
