@@ -107,6 +107,11 @@ def test_kill_all_kills_the_run_s_processes_and_nothing_else(tmp_path):
 
 # ---------------------------------------------------------------- a short chaos run, for real
 
+def assert_all_runs_left_nothing(work_dir):
+    for run_dir in (work_dir / "reference", work_dir / "run"):
+        assert_no_leftovers(run_dir)
+
+
 @pytest.mark.slow
 def test_a_short_chaos_run_loses_nothing(tmp_path):
     """One fault of each kind (seed 1 with 6 faults): about 3 minutes on 2 cores.
@@ -124,10 +129,13 @@ def test_a_short_chaos_run_loses_nothing(tmp_path):
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGTERM)  # the runner kills the run's processes on its way out
         out, _ = proc.communicate(timeout=60)
-        raise AssertionError(f"the chaos run did not finish in 20 min:\n{out[-6000:]}")
-    finally:
-        for run_dir in (tmp_path / "reference", tmp_path / "run"):
-            assert_no_leftovers(run_dir)
+        timed_out = AssertionError(f"the chaos run did not finish in 20 min:\n{out[-6000:]}")
+        try:  # kill anything left, but report the timeout, not the leftovers it caused
+            assert_all_runs_left_nothing(tmp_path)
+        except AssertionError as leftovers:
+            raise timed_out from leftovers
+        raise timed_out from None
+    assert_all_runs_left_nothing(tmp_path)
     assert proc.returncode == 0, out[-8000:]
     assert "PASSED" in out and "[FAIL]" not in out, out[-8000:]
     figures = json.loads(report.read_text())
