@@ -347,7 +347,7 @@ def print_table(results: List[Dict[str, Any]]) -> None:
             f"{r['ratios']['persist_throughput_over_raw']:.2f}",
             spread(r, "persist_side_by_side_s"),
             f"{r['ratios']['persist_side_by_side_throughput_over_raw']:.2f}"])
-    print_rows(head, rows)
+    print_table(head, rows)
     print("\nthe capture against two others (page faults: 4 KB pages first touched during the call)\n")
     head = ["state MB", "async blocked ms", "its page faults", "numpy() model ms", "numpy() optimizer ms",
             "their faults", "1-thread dlpack+copyto ms", "its faults"]
@@ -357,7 +357,7 @@ def print_table(results: List[Dict[str, Any]]) -> None:
              f"{r['median']['model_arrays_faults'] + r['median']['optimizer_arrays_faults']:.0f}",
              spread(r, "dlpack_copyto_s"), f"{r['median']['dlpack_copyto_faults']:.0f}"]
             for r in results]
-    print_rows(head, rows)
+    print_table(head, rows)
     print("\nthe persist in the background, with training going on (2 cores shared)\n")
     head = ["state MB", "background persist ms", "train step idle ms", "train step during persist ms",
             "slowdown", "snapshot MB", "paddle.save MB"]
@@ -369,15 +369,7 @@ def print_table(results: List[Dict[str, Any]]) -> None:
                      spread(r, "train_step_idle_s"), during, f"{ratio:.2f}x" if ratio else "-",
                      f"{r['median']['persist_bytes'] / MB:.0f}",
                      f"{r['median']['paddle_save_bytes'] / MB:.0f}"])
-    print_rows(head, rows)
-
-
-def print_rows(head: List[str], rows: List[List[str]]) -> None:
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for row in rows:
-        print("| " + " | ".join(c.rjust(w) for c, w in zip(row, widths)) + " |")
+    print_table(head, rows)
 
 
 def machine(work: Path) -> Dict[str, Any]:

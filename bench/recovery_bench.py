@@ -67,6 +67,7 @@ from typing import Any, Dict, List, Optional
 import psutil
 
 import table  # bench/table.py: scripts here run with bench/ on sys.path
+from chaos import processes_of  # never this process or its ancestors
 from paddlerun.trainer.events import read_events
 from paddlerun.trainer.metrics import read_metrics
 
@@ -117,18 +118,6 @@ def event(events: List[dict], name: str, attempt: int) -> dict:
         raise RoundFailed(f"no {name!r} event for attempt {attempt} in events.jsonl "
                           f"(events: {[(e['event'], e['attempt']) for e in events]})")
     return found[0]
-
-
-def processes_of(run_dir: Path) -> List[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        try:
-            if proc.info["status"] != psutil.STATUS_ZOMBIE and \
-                    any(str(run_dir) in part for part in proc.info["cmdline"] or ()):
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
 
 
 def reap_leftovers(run_dir: Path, timeout_s: float = 15) -> List[int]:
