@@ -275,9 +275,10 @@ class Checkpointer:
         The run's own snapshots win over ``resume_from``: after a restart they are newer.
         Candidates are tried newest first; each file is verified (size, sha256) as it is
         read, and a snapshot that fails is skipped with a warning for the next older one.
-        With a sharded optimizer every rank reads a different shard, so every file of a
-        candidate is hashed before it is tried (all ranks then pick the same one) and the
-        ranks check that they resumed from the same step.
+        With a sharded optimizer every rank reads a different shard, so every file of each
+        of the run's own candidates is hashed before it is tried (all ranks then pick the
+        same one), and the ranks check that they resumed from the same step (which catches
+        a ``resume_from`` snapshot with a corrupt shard).
         """
         position = self._restore(trainer, resume_from)
         if self.sharded and self.env.world_size > 1:
@@ -293,10 +294,11 @@ class Checkpointer:
             else:
                 log.warning("skipping snapshot %s (%s): %s", info.path, info.state, info.problem)
         log.info("snapshots found: %s", [p.name for p in candidates])
+        own = bool(candidates)
         if not candidates and resume_from:
             candidates = [resolve_snapshot(resume_from)]
         for path in candidates:
-            if self.sharded and not self._verified_everywhere(path):
+            if self.sharded and own and not self._verified_everywhere(path):
                 continue
             try:
                 with self.store.reading(path) as info:
