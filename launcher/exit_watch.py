@@ -1,0 +1,61 @@
+"""Sleep until a watched process exits, or a timeout: how the supervisor waits between checks.
+
+Polling every 0.1 s for dead workers cost the supervisor ~0.8 % of a core (measured) and
+woke it 10 times a second on machines whose cores are all training, where every wake-up
+delays a worker and, through the next collective, all of them. A pidfd (Linux >= 5.3)
+becomes readable the moment its process exits, so the supervisor can sleep in
+``select()`` for its slower periodic checks (heartbeats, the console) and still wake at
+once for a death. Without pidfds (other kernels and systems) it falls back to waking
+every ``fallback_s``.
+"""
+from __future__ import annotations
+
+import os
+import select
+import time
+from typing import Dict, Optional, Tuple
+
+_Key = Tuple[int, float]  # (pid, create_time): a pid alone may be reused
+
+
+class ExitWatch:
+    def __init__(self, fallback_s: float):
+        self.fallback_s = fallback_s
+        self._fds: Dict[_Key, Optional[int]] = {}  # None: exited already, or no pidfd for it
+        self.supported = hasattr(os, "pidfd_open")
+
+    def watch(self, pid: int, create_time: float = 0.0) -> None:
+        """Wake :meth:`sleep` when ``pid`` exits. A process that has exited already is not
+        watched: the caller's own checks see it (the watch only makes them sooner)."""
+        key = (pid, create_time)
+        if key in self._fds:
+            return
+        fd = None
+        if self.supported:
+            try:
+                fd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                pass
+            except OSError:  # ENOSYS, EPERM in some sandboxes: poll instead
+                self.supported = False
+        self._fds[key] = fd
+
+    def sleep(self, timeout_s: float) -> bool:
+        """Up to ``timeout_s``; True if a watched process exited meanwhile (it is then no
+        longer watched, so the next call sleeps again)."""
+        fds = [fd for fd in self._fds.values() if fd is not None]
+        if not self.supported or not fds:
+            time.sleep(min(timeout_s, self.fallback_s))
+            return False
+        ready, _, _ = select.select(fds, [], [], timeout_s)
+        for key, fd in list(self._fds.items()):
+            if fd in ready:
+                os.close(fd)
+                self._fds[key] = None
+        return bool(ready)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            if fd is not None:
+                os.close(fd)
+        self._fds.clear()
