@@ -46,8 +46,8 @@ def test_numpy_views_and_paddle_ops_give_the_same_bits(fake_peer, bucket_bytes):
     # The same gradients through the Paddle-op path (GPU's) give the same bits.
     model.clear_gradients(set_to_zero=False)
     backward(model)
-    for bucket, sizes in zip(sync.buckets, sync.sizes):
-        sync._sync_with_paddle_ops(bucket, sizes)
+    for i, (bucket, sizes) in enumerate(zip(sync.buckets, sync.sizes)):
+        sync._sync_with_paddle_ops(i, bucket, sizes, None)
     via_ops = grads(model)
     assert all(np.array_equal(via_views[n], via_ops[n]) for n in via_views)
 
@@ -74,3 +74,47 @@ def test_the_flat_buffer_is_kept_between_steps(fake_peer):
     backward(model, seed=1)
     sync()
     assert sync._flat[0][1] is flat
+
+
+def test_extra_numbers_ride_the_first_all_reduce_on_both_paths(monkeypatch):
+    sizes = []
+
+    def recording_peer_sums(flat):
+        sizes.append(flat.shape[0])
+        peer_sums(flat)
+
+    monkeypatch.setattr(grad_sync.dist, "all_reduce", recording_peer_sums)
+    paddle.seed(0)
+    model = LeNet()
+    backward(model)
+    before = grads(model)
+    sync = GradientSync(model.parameters(), world_size=2)
+    extra = [2.5, 64.0, 1.0, 0.0, 0.0, 1.0]
+    assert sync(extra) == [2 * x + 1 for x in extra]  # as two ranks' sums would be
+    assert sync() is None
+    for name, g in grads(model).items():  # the gradients are averaged as without them (twice here)
+        once = (paddle.to_tensor(before[name]) * 2 + 1).scale_(0.5)
+        assert np.array_equal(g, (once * 2 + 1).scale_(0.5).numpy()), name
+    model.clear_gradients(set_to_zero=False)
+    backward(model)
+    assert sync._sync_with_paddle_ops(0, sync.buckets[0], sync.sizes[0], extra) == [2 * x + 1 for x in extra]
+    n = sum(sync.sizes[0]) + grad_sync.EXTRA_SLOTS
+    assert sizes == [n, n, n], "every path and call all-reduces the same size: ranks never mismatch"
+    with pytest.raises(ValueError, match="at most 8"):
+        sync([0.0] * 9)
+
+
+def test_gradients_too_coarse_to_carry_them_sum_the_extra_numbers_apart(monkeypatch):
+    calls = []
+
+    def recording_peer_sums(tensor):
+        calls.append(str(tensor.dtype))
+        peer_sums(tensor)
+
+    monkeypatch.setattr(grad_sync.dist, "all_reduce", recording_peer_sums)
+    layer = paddle.nn.Linear(4, 3)
+    layer.to(dtype="float16")
+    layer(paddle.ones([2, 4], dtype="float16")).sum().backward()
+    sync = GradientSync(layer.parameters(), world_size=2)
+    assert sync([1.0, 3.0]) == [3.0, 7.0]
+    assert calls == ["paddle.float16", "paddle.float64"]

@@ -22,6 +22,10 @@ import paddle.distributed as dist
 from paddlerun.trainer.host_copy import dlpack_view
 
 BUCKET_BYTES = 32 << 20
+#: Slots after the first bucket's gradients for a few numbers of the caller's that need
+#: summing over the ranks too (the loop's metrics and flags at a log step): one
+#: all-reduce instead of two. Zeros when unused.
+EXTRA_SLOTS = 8
 
 
 class GradientSync:
@@ -59,40 +63,84 @@ class GradientSync:
         self._flat: Dict[int, Tuple[np.ndarray, paddle.Tensor, List[np.ndarray]]] = {}
 
     @paddle.no_grad()
-    def __call__(self) -> None:
+    def __call__(self, extra: Optional[List[float]] = None) -> Optional[List[float]]:
+        """Average the gradients; with ``extra`` (at most EXTRA_SLOTS numbers, the same
+        call on every rank), also return their sums over the ranks -- carried by the
+        first bucket's all-reduce when it can (float32/64 gradients in host memory), else
+        by one of their own in float64. The ranks must agree on when they pass ``extra``."""
+        if extra is not None and len(extra) > EXTRA_SLOTS:
+            raise ValueError(f"at most {EXTRA_SLOTS} extra numbers, got {len(extra)}")
+        summed = None
         for i, (bucket, sizes) in enumerate(zip(self.buckets, self.sizes)):
             views = _host_views([p.grad for p in bucket]) if self.on_host else None
+            first = extra if i == 0 else None
             if views is None:
-                self._sync_with_paddle_ops(bucket, sizes)
+                carried = self._sync_with_paddle_ops(i, bucket, sizes, first)
             else:
-                self._sync_through_views(i, views, sizes)
+                carried = self._sync_through_views(i, views, sizes, first)
+            if i == 0:
+                summed = carried
+        if extra is not None and summed is None:  # gradients of a dtype too coarse to carry them
+            summed = all_reduce_sums(extra)
+        return summed
 
-    def _sync_through_views(self, i: int, views: List[Optional[np.ndarray]], sizes: List[int]) -> None:
+    def _sync_through_views(self, i: int, views: List[Optional[np.ndarray]], sizes: List[int],
+                            extra: Optional[List[float]]) -> Optional[List[float]]:
         dtype = next(v.dtype for v in views if v is not None)
         if i not in self._flat or self._flat[i][0].dtype != dtype:
-            flat = paddle.zeros([sum(sizes)], dtype=dtype.name)
+            # The first bucket has room for the caller's extra numbers; every rank
+            # allocates the same, so the all-reduces always match.
+            slots = EXTRA_SLOTS if i == 0 else 0
+            flat = paddle.zeros([sum(sizes) + slots], dtype=dtype.name)
             flat_view = np.from_dlpack(flat)
-            self._flat[i] = (flat_view, flat, np.split(flat_view, np.cumsum(sizes)[:-1]))
+            self._flat[i] = (flat_view, flat, np.split(flat_view, np.cumsum(sizes)))
         _, flat, pieces = self._flat[i]
+        tail = pieces[-1]  # the extra slots (empty but for the first bucket)
+        carry = _carries(extra, dtype)
+        if tail.size:
+            tail[:] = _slots(extra if carry else None)
         for view, piece in zip(views, pieces):
             if view is None:  # a parameter with no gradient this step counts as zeros
                 piece.fill(0)
             else:
                 np.copyto(piece, view.reshape(-1))
         dist.all_reduce(flat)  # in place: the pieces see the sum
+        summed = tail[:len(extra)].tolist() if carry else None
         flat.scale_(self.scale)
         for view, piece in zip(views, pieces):
             if view is not None:
                 np.copyto(view, piece.reshape(view.shape))
+        return summed
 
-    def _sync_with_paddle_ops(self, bucket, sizes: List[int]) -> None:
+    def _sync_with_paddle_ops(self, i: int, bucket, sizes: List[int],
+                              extra: Optional[List[float]]) -> Optional[List[float]]:
         grads = [p.grad if p.grad is not None else paddle.zeros_like(p) for p in bucket]
-        flat = paddle.concat([g.reshape([-1]) for g in grads])
+        pieces = [g.reshape([-1]) for g in grads]
+        carry = extra is not None and _carries(
+            extra, np.dtype(paddle.empty([0], dtype=grads[0].dtype).numpy().dtype))
+        if i == 0:  # the same room for extra numbers as the views path: sizes must match
+            pieces.append(paddle.to_tensor(_slots(extra), dtype=grads[0].dtype, place=grads[0].place)
+                          if carry else paddle.zeros([EXTRA_SLOTS], dtype=grads[0].dtype))
+        flat = paddle.concat(pieces)
         dist.all_reduce(flat)
+        summed = flat[-EXTRA_SLOTS:].numpy()[:len(extra)].tolist() if carry else None
         flat.scale_(self.scale)
-        for p, piece in zip(bucket, paddle.split(flat, sizes)):
+        for p, piece in zip(bucket, paddle.split(flat, sizes + ([EXTRA_SLOTS] if i == 0 else []))):
             if p.grad is not None:
                 p.grad.set_value(piece.reshape(p.grad.shape))
+        return summed
+
+
+def _carries(extra: Optional[List[float]], dtype: np.dtype) -> bool:
+    """Whether gradients of ``dtype`` carry ``extra`` (counts exact to 2**24 in float32)."""
+    return extra is not None and dtype in (np.float32, np.float64)
+
+
+def _slots(extra: Optional[List[float]]) -> np.ndarray:
+    slots = np.zeros(EXTRA_SLOTS)
+    if extra is not None:
+        slots[:len(extra)] = extra
+    return slots
 
 
 def _host_views(grads) -> Optional[List[Optional[np.ndarray]]]:
@@ -112,6 +160,13 @@ def _host_views(grads) -> Optional[List[Optional[np.ndarray]]]:
         views.append(view)
     dtypes = {v.dtype for v in views if v is not None}
     return views if len(dtypes) == 1 else None
+
+
+def all_reduce_sums(values: List[float]) -> List[float]:
+    """``values`` summed over the ranks, in float64."""
+    sums = paddle.to_tensor(values, dtype="float64")
+    dist.all_reduce(sums)
+    return sums.numpy().tolist()
 
 
 @paddle.no_grad()

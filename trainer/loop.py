@@ -29,7 +29,7 @@ from paddlerun.trainer.progress import Progress, Throughput
 from paddlerun.trainer.rendezvous import wait_for_master
 from paddlerun.trainer.sampler import ResumableBatchSampler, shard_indices
 from paddlerun.trainer.errors import is_peer_failure
-from paddlerun.trainer.grad_sync import GradientSync, broadcast_parameters
+from paddlerun.trainer.grad_sync import GradientSync, all_reduce_sums, broadcast_parameters
 from paddlerun.trainer.heartbeat import lowest_live_rank
 from paddlerun.trainer.signals import ignoring_sigterm
 from paddlerun.trainer.state import capture_rng, model_arrays, rng_state, rng_to_json
@@ -169,16 +169,14 @@ class Trainer:
                 self.progress.epoch_begin(pos.epoch)
             for inputs, labels in self.loader:
                 self._rng_before_step = capture_rng() if self._emergency_enabled else None
-                loss, predicted = self._step(inputs, labels)
+                agree = (pos.step + 1) % self.train.log_every_steps == 0 or pos.step + 1 == self.total_steps
+                sums = self._step(inputs, labels, agree)
                 pos.step += 1
                 pos.batch += 1
                 self._rng_before_step = None
-                self._window.add(loss, predicted, labels)
                 if self.heartbeat is not None:
                     self.heartbeat.beat(pos.step)
-                stop, save_now = False, False
-                if pos.step % self.train.log_every_steps == 0 or pos.step == self.total_steps:
-                    stop, save_now = self._log_and_agree()
+                stop, save_now = self._log(sums) if agree else (False, False)
                 if stop:
                     self._save("preempted", wait=True)
                     return "preempted"
@@ -190,17 +188,24 @@ class Trainer:
                 self._end_epoch(pos)
         return "finished"
 
-    def _step(self, inputs, labels):
+    def _step(self, inputs, labels, agree: bool):
+        """One optimizer step; at an agreement point (``agree``, the same steps on every
+        rank) also the window's metric sums and rank 0's flags, summed over the ranks."""
         outputs = self.model(inputs)
         loss = self.loss_fn(outputs, labels)
         loss.backward()
-        if self.grad_sync is not None:
-            self.grad_sync()
+        self._window.add(loss, outputs.argmax(axis=-1), labels)
+        local = self._window.take() + self._flags() if agree else None
+        summed = None
+        if self.grad_sync is not None:  # carries them with the gradients: one all-reduce, not two
+            summed = self.grad_sync(local)
+        elif agree:
+            summed = all_reduce_sums(local) if self.env.world_size > 1 else local
         self.optimizer.step()
         self.optimizer.clear_grad()
         if isinstance(self.lr, paddle.optimizer.lr.LRScheduler):
             self.lr.step()
-        return loss, outputs.argmax(axis=-1)
+        return summed
 
     def _due(self, step: int) -> bool:
         return self.checkpointer is not None and self.checkpointer.due_by_steps(step)
@@ -214,19 +219,19 @@ class Trainer:
         if self.heartbeat is not None:
             self.heartbeat.beat(self.position.step)
 
-    def _log_and_agree(self):
-        """The agreement point, every ``log_every_steps``: one all-reduce carries the
-        window's metric sums and rank 0's flags (stop requested, time-based save due),
-        so every rank logs the global figures and takes the same decisions."""
+    def _flags(self):
+        """Rank 0's decisions for every rank: stop requested, time-based save due."""
+        if not self.is_rank0:
+            return [0.0, 0.0]
+        return [float(self.stop_requested()),
+                float(self.checkpointer is not None and self.checkpointer.due_by_time(time.time()))]
+
+    def _log(self, sums):
+        """The agreement point, every ``log_every_steps``: ``sums`` (the window's metric
+        sums and rank 0's flags, summed over the ranks) are the same on every rank, so
+        every rank logs the global figures and takes the same decisions."""
         pos = self.position
-        flags = [0.0, 0.0]
-        if self.is_rank0:
-            flags = [float(self.stop_requested()),
-                     float(self.checkpointer is not None and self.checkpointer.due_by_time(time.time()))]
-        sums = paddle.to_tensor(self._window.take() + flags, dtype="float64")
-        if self.env.world_size > 1:
-            dist.all_reduce(sums)
-        loss_sum, correct, count, batches, stop, save_now = sums.numpy().tolist()
+        loss_sum, correct, count, batches, stop, save_now = sums
         values = {"loss": loss_sum / max(batches, 1), "acc": correct / max(count, 1)}
         rate, eta = self._meter.update((pos.step - self.start_step) * self.samples_per_step,
                                        pos.step - self.start_step, self.total_steps - pos.step)
