@@ -21,6 +21,8 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--steps", type=int, default=600)
 parser.add_argument("--warmup", type=int, default=50)
 parser.add_argument("--json", default=None)
+parser.add_argument("--progress", default=None,
+                    help="rank 0 appends 'STEP TIME' here every 10 steps (timeslice_bench.py)")
 args = parser.parse_args()
 
 paddle.seed(2024)
@@ -33,6 +35,7 @@ opt = paddle.optimizer.Adam(learning_rate=0.001, parameters=model.parameters())
 loss_fn = paddle.nn.CrossEntropyLoss()
 
 step, epoch, times = 0, 0, {}
+progress = open(args.progress, "a", buffering=1) if args.progress and dist.get_rank() == 0 else None
 while step < args.steps:
     sampler.set_epoch(epoch)
     for images, labels in loader:
@@ -43,6 +46,8 @@ while step < args.steps:
         step += 1
         if step in (args.warmup, args.steps):
             times[step] = time.time()
+        if progress is not None and step % 10 == 0:
+            progress.write(f"{step} {time.time()}\n")
         if step >= args.steps:
             break
     epoch += 1
