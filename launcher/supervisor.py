@@ -316,7 +316,7 @@ class Supervisor:
             dead = dead_ranks(local)
             if local and all(r in dead or hb.phase == "done" for r, hb in local.items()):
                 return
-            time.sleep(POLL_S)
+            self.exits.sleep(POLL_S)  # the survivor's exit wakes it at once
 
     def _teardown(self, why: str) -> None:
         killed = self.tree.close(TEARDOWN_TERM_S)
