@@ -10,6 +10,7 @@ every ``fallback_s``.
 """
 from __future__ import annotations
 
+import errno
 import os
 import select
 import time
@@ -34,10 +35,12 @@ class ExitWatch:
         if self.supported:
             try:
                 fd = os.pidfd_open(pid)
-            except ProcessLookupError:
+            except OSError as exc:
+                if exc.errno in (errno.ENOSYS, errno.EPERM):  # no pidfds here: poll instead
+                    self.supported = False
+                # else (gone already, out of descriptors, ...): that one is left to the checks
+            except (OverflowError, ValueError):  # not a pid at all
                 pass
-            except OSError:  # ENOSYS, EPERM in some sandboxes: poll instead
-                self.supported = False
         self._fds[key] = fd
 
     def sleep(self, timeout_s: float) -> bool:
@@ -47,7 +50,10 @@ class ExitWatch:
         if not self.supported or not fds:
             time.sleep(min(timeout_s, self.fallback_s))
             return False
-        ready, _, _ = select.select(fds, [], [], timeout_s)
+        poller = select.poll()  # not select(): no limit on descriptor numbers
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        ready = {fd for fd, _ in poller.poll(timeout_s * 1000)}
         for key, fd in list(self._fds.items()):
             if fd in ready:
                 os.close(fd)

@@ -321,7 +321,8 @@ class Supervisor:
     def _teardown(self, why: str) -> None:
         killed = self.tree.close(TEARDOWN_TERM_S)
         self._forward_launch_output()
-        self._show_unshown_worker_lines()
+        if why != "finished":  # a launcher that finished has shown everything
+            self._show_unshown_worker_lines()
         self.tree.reap_orphans()
         left = [p.pid for p in self.tree.members()]
         self._emit("teardown", why=why, processes=len(killed),
