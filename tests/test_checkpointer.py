@@ -183,3 +183,33 @@ def test_model_and_optimizer_files_written_side_by_side_or_not_restore_alike(tmp
     assert all(np.array_equal(got[k], expected[k]) for k in expected)
     assert all(np.array_equal(got_moments[k], moments[k]) for k in moments)
     fresh_ckpt.close()
+
+
+def test_resume_from_is_tried_when_none_of_the_runs_own_snapshots_restores(tmp_path):
+    source, trainer = make(tmp_path / "pretrained")
+    train_step(trainer, 2)
+    source.save(trainer, wait=True)
+    source.close()
+    src = CheckpointStore(tmp_path / "pretrained" / "ckpt").snapshots()[-1].path
+    own, trainer = make(tmp_path / "run")
+    train_step(trainer, 3)
+    own.save(trainer, wait=True)
+    own.close()
+    snapshot = CheckpointStore(tmp_path / "run" / "ckpt").snapshots()[-1].path
+    model = snapshot / "model.safetensors"
+    data = bytearray(model.read_bytes())
+    data[-1] ^= 0xFF  # same size: only its sha256 tells
+    model.write_bytes(bytes(data))
+    again, fresh = make(tmp_path / "run")
+    assert again.restore(fresh, resume_from=str(src)).step == 2  # not from scratch
+    again.close()
+
+
+def test_a_resume_from_gone_since_the_run_began_does_not_stop_its_own_resume(tmp_path):
+    ckpt, trainer = make(tmp_path)
+    train_step(trainer, 2)
+    ckpt.save(trainer, wait=True)
+    ckpt.close()
+    again, fresh = make(tmp_path)
+    assert again.restore(fresh, resume_from=str(tmp_path / "deleted-source")).step == 2
+    again.close()

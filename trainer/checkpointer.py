@@ -22,7 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import paddle
@@ -272,7 +272,8 @@ class Checkpointer:
     def restore(self, trainer, resume_from: Optional[str] = None):
         """Load the newest complete snapshot into ``trainer``; returns its Position or None.
 
-        The run's own snapshots win over ``resume_from``: after a restart they are newer.
+        The run's own snapshots win over ``resume_from``: after a restart they are newer;
+        ``resume_from`` is tried when none of them restores.
         Candidates are tried newest first; each file is verified (size, sha256) as it is
         read, and a snapshot that fails is skipped with a warning for the next older one.
         With a sharded optimizer every rank reads a different shard, so every file of each
@@ -294,11 +295,9 @@ class Checkpointer:
             else:
                 log.warning("skipping snapshot %s (%s): %s", info.path, info.state, info.problem)
         log.info("snapshots found: %s", [p.name for p in candidates])
-        own = bool(candidates)
-        if not candidates and resume_from:
-            candidates = [resolve_snapshot(resume_from)]
-        for path in candidates:
-            if self.sharded and own and not self._verified_everywhere(path):
+        own = set(candidates)
+        for path in _then_resume_from(candidates, resume_from):
+            if self.sharded and path in own and not self._verified_everywhere(path):
                 continue
             try:
                 with self.store.reading(path) as info:
@@ -331,8 +330,9 @@ class Checkpointer:
             log.info("resumed from %s: step %d, epoch %d, batch %d", path, state["step"],
                      state["epoch"], state["batch"])
             return Position(step=state["step"], epoch=state["epoch"], batch=state["batch"])
-        if candidates:
-            log.warning("no usable snapshot in %s: starting from scratch", self.store.directory)
+        if candidates or resume_from:
+            log.warning("no usable snapshot in %s%s: starting from scratch", self.store.directory,
+                        f" or {resume_from}" if resume_from else "")
         return None
 
     @staticmethod
@@ -371,6 +371,14 @@ class Checkpointer:
             log.warning("%s was written with a different train config (hash %s, now %s); "
                         "resuming anyway: the model's shapes are checked next", path,
                         state["config_hash"][:12], self.config_hash[:12])
+
+
+def _then_resume_from(own: List[Path], resume_from: Optional[str]):
+    """The run's own snapshots, newest first, then ``resume_from`` -- resolved only when
+    none of them restored (a source deleted since the run began must not stop it)."""
+    yield from own
+    if resume_from:
+        yield resolve_snapshot(resume_from)
 
 
 def _sharded_on_disk(state: dict) -> bool:
