@@ -58,19 +58,20 @@ def unshown_lines(worker_log: Path, launch_log: Path) -> List[str]:
     copied is what follows the last worker line found in ``launch_log``. A line that
     repeats an earlier one can only make this show too little, never twice.
     """
-    worker = _tail_lines(worker_log)
-    shown = set(_tail_lines(launch_log))
+    worker = tail_lines(worker_log)
+    shown = set(tail_lines(launch_log))
     for k in range(len(worker) - 1, -1, -1):
         if worker[k] in shown:
             return worker[k + 1:][-MAX_LINES:]
     return worker[-MAX_LINES:]
 
 
-def _tail_lines(path: Path) -> List[str]:
+def tail_lines(path: Path, nbytes: int = TAIL_BYTES) -> List[str]:
+    """The whole lines in the last ``nbytes`` of a log ([] if there is no such file)."""
     try:
         with open(path, "rb") as f:
             f.seek(0, 2)
-            start = max(f.tell() - TAIL_BYTES, 0)
+            start = max(f.tell() - nbytes, 0)
             f.seek(start)
             lines = f.read().decode(errors="replace").splitlines()
     except FileNotFoundError:

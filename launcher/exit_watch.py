@@ -4,7 +4,7 @@ Polling every 0.1 s for dead workers cost the supervisor ~0.8 % of a core (measu
 woke it 10 times a second on machines whose cores are all training, where every wake-up
 delays a worker and, through the next collective, all of them. A pidfd (Linux >= 5.3)
 becomes readable the moment its process exits, so the supervisor can sleep in
-``select()`` for its slower periodic checks (heartbeats, the console) and still wake at
+``poll()`` for its slower periodic checks (heartbeats, the console) and still wake at
 once for a death. Without pidfds (other kernels and systems) it falls back to waking
 every ``fallback_s``.
 """

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Dict, Mapping, Optional
 
+from paddlerun.launcher.console_log import tail_lines
 from paddlerun.launcher.process_tree import describe_exit
 from paddlerun.launcher.restart_policy import Failure
 from paddlerun.trainer.errors import PEER_FAILURE_TEXT, read_errors
@@ -96,13 +97,7 @@ def launcher_reports(path: Path) -> Dict[int, int]:
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, 2)
-            f.seek(max(f.tell() - 16384, 0))
-            return "\n".join(f.read().decode(errors="replace").splitlines()[-lines:])
-    except FileNotFoundError:
-        return ""
+    return "\n".join(tail_lines(path, 16384)[-lines:])
 
 
 def report(f: Failure) -> str:

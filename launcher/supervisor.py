@@ -199,7 +199,7 @@ class Supervisor:
         start_timeout = max(self.config.supervisor.start_timeout_s, hang_timeout)
         scanned_at = 0.0
         while True:
-            self._forward_launch_output()
+            self.console.forward()
             if self.signals:
                 return self._preempt()
             now = time.time()
@@ -213,7 +213,7 @@ class Supervisor:
                 scanned_at = now
             returncode = self.tree.poll()
             if returncode is not None:
-                self._forward_launch_output()
+                self.console.forward()
                 if returncode == 0:
                     self._teardown("finished")
                     self._emit("succeeded")
@@ -288,9 +288,9 @@ class Supervisor:
         control.request_stop(self.run_dir, reason=signal.Signals(first).name)
         deadline = time.time() + grace
         while time.time() < deadline and len(self.signals) < 2 and self.tree.poll() is None:
-            self._forward_launch_output()
+            self.console.forward()
             time.sleep(POLL_S)
-        self._forward_launch_output()
+        self.console.forward()
         clean = self.tree.poll() == 0
         self._teardown("preempted")
         self._emit("preempted", signal=signal.Signals(first).name, clean=clean,
@@ -310,7 +310,7 @@ class Supervisor:
         hb_dir = self.run_dir / "heartbeats"
         deadline = time.time() + timeout_s
         while self.tree.poll() is None and time.time() < deadline and len(self.signals) < 2:
-            self._forward_launch_output()
+            self.console.forward()
             local = {r: hb for r, hb in read_heartbeats(hb_dir, attempt=self.attempt).items()
                      if hb.host == self.host}
             dead = dead_ranks(local)
@@ -320,7 +320,7 @@ class Supervisor:
 
     def _teardown(self, why: str) -> None:
         killed = self.tree.close(TEARDOWN_TERM_S)
-        self._forward_launch_output()
+        self.console.forward()
         if why != "finished":  # a launcher that finished has shown everything
             self._show_unshown_worker_lines()
         self.tree.reap_orphans()
@@ -329,16 +329,13 @@ class Supervisor:
                    how=sorted({k["how"] for k in killed}), left_alive=left)
 
     def _diagnose(self, kind: str, beats, **facts) -> Failure:
-        self._forward_launch_output()
+        self.console.forward()
         launch = self.config.launch
         return root_cause.diagnose(kind, self.run_dir, self.attempt, self.spec.log_dir(self.attempt),
                                    beats, first_rank=launch.node_rank * self.spec.nproc_per_node, **facts)
 
     def _print_report(self, failure: Failure) -> None:
         print(root_cause.report(failure), file=sys.stderr)
-
-    def _forward_launch_output(self) -> None:
-        self.console.forward()
 
     def _show_unshown_worker_lines(self) -> None:
         """After a teardown: the end of local rank 0's log that the launcher had not shown."""
