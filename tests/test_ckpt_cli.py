@@ -312,7 +312,9 @@ with unique_name.guard():
 with unique_name.guard():
     net, sched, opt = build()
     state = json.loads(open(snapshot + "/trainer_state.json").read())
-    tstate.restore_model(net, load_file(snapshot + "/model.safetensors"), source=snapshot)
+    arrays = load_file(snapshot + "/model.safetensors")
+    tstate.check_model(net, arrays, source=snapshot)
+    tstate.load_model(net, arrays)
     tstate.restore_optimizer(opt, load_file(snapshot + "/optimizer.safetensors"), state["optimizer_extra"])
     out["after_step_snapshot"] = step(net, sched, opt)
 with unique_name.guard():
