@@ -168,7 +168,7 @@ def main(argv=None) -> int:
     rate = {name: steps_done * GLOBAL_BATCH / seconds for name, (steps_done, seconds) in totals.items()}
     s = spread(ratios)
     print(f"\nsamples/s while running (global batch {GLOBAL_BATCH}, 2 CPU workers), {len(pairs)} pairs of turns:")
-    print_table(["job", "steps measured", "seconds measured", "samples/s", f"/ plain"],
+    print_table(["job", "steps measured", "seconds measured", "samples/s", "/ plain"],
                 [["plain", str(totals["plain"][0]), f"{totals['plain'][1]:.1f}", f"{rate['plain']:.0f}", "1"],
                  [ours.name, str(totals[ours.name][0]), f"{totals[ours.name][1]:.1f}", f"{rate[ours.name]:.0f}",
                   f"{rate[ours.name] / rate['plain']:.3f} overall; per pair of turns: median {s['median']:.3f} "

@@ -40,8 +40,9 @@ def test_a_process_gone_before_it_is_watched_is_left_to_the_callers_checks():
     pid = gone.pid  # reaped: no such process any more (unless reused, which is harmless)
     watch = ExitWatch(fallback_s=0.1)
     watch.watch(pid)
+    assert watch.supported, "a gone process is no reason to stop using pidfds"
     started = time.monotonic()
-    watch.sleep(0.3)
+    assert watch.sleep(0.3) is False
     assert time.monotonic() - started < 5
     watch.close()
 
