@@ -121,6 +121,7 @@ class Supervisor:
             return exit_codes.BAD_CONFIG
         become_subreaper()
         previous = self._install_signal_handlers()
+        self.exits.wake_on_signals()
         handlers: Dict[State, Callable[[], State]] = {
             State.STARTING: self._start, State.RUNNING: self._watch,
             State.FAILED: self._fail, State.RESTARTING: self._restart,
@@ -274,7 +275,7 @@ class Supervisor:
             if self.signals:
                 self._emit("preempted", during="backoff")
                 return State.PREEMPTED
-            time.sleep(min(POLL_S, max(self._backoff_until - time.time(), 0)))
+            self.exits.sleep(max(self._backoff_until - time.time(), 0))
         self.attempt += 1
         return State.STARTING
 
@@ -289,7 +290,7 @@ class Supervisor:
         deadline = time.time() + grace
         while time.time() < deadline and len(self.signals) < 2 and self.tree.poll() is None:
             self.console.forward()
-            time.sleep(POLL_S)
+            self.exits.sleep(POLL_S)  # a second signal or the launcher's exit wakes it at once
         self.console.forward()
         clean = self.tree.poll() == 0
         self._teardown("preempted")

@@ -60,3 +60,34 @@ def test_without_pidfds_it_wakes_every_fallback_period():
         watch.close()
         proc.kill()
         proc.wait(timeout=10)
+
+
+def test_a_signal_ends_the_sleep_at_once_and_close_restores_the_wakeup_fd():
+    """Python retries poll() after a signal handler (PEP 475): without the wake-up pipe a
+    preemption signal would wait out the whole sleep."""
+    import signal
+    import threading
+
+    proc = sleeper(60)
+    received = []
+    previous_handler = signal.signal(signal.SIGUSR1, lambda signum, frame: received.append(signum))
+    watch = ExitWatch(fallback_s=0.1)
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGUSR1))
+    try:
+        watch.watch(proc.pid)
+        watch.wake_on_signals()
+        timer.start()
+        started = time.monotonic()
+        assert watch.sleep(30) is False  # woken, but no watched process exited
+        assert time.monotonic() - started < 10, "the signal ended the sleep"
+        assert received == [signal.SIGUSR1]
+        started = time.monotonic()
+        assert watch.sleep(0.3) is False  # the pipe was drained: a sleep again
+        assert time.monotonic() - started >= 0.25
+    finally:
+        timer.cancel()
+        watch.close()
+        signal.signal(signal.SIGUSR1, previous_handler)
+        proc.kill()
+        proc.wait(timeout=10)
+    assert signal.set_wakeup_fd(-1) == -1, "close() put back the previous wake-up fd (none)"
