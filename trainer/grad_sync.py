@@ -19,7 +19,7 @@ import numpy as np
 import paddle
 import paddle.distributed as dist
 
-from paddlerun.trainer.host_copy import dlpack_view
+from paddlerun.trainer.host_copy import dlpack_view, numpy_dtype
 
 BUCKET_BYTES = 32 << 20
 #: Slots after the first bucket's gradients for a few numbers of the caller's that need
@@ -116,8 +116,7 @@ class GradientSync:
                               extra: Optional[List[float]]) -> Optional[List[float]]:
         grads = [p.grad if p.grad is not None else paddle.zeros_like(p) for p in bucket]
         pieces = [g.reshape([-1]) for g in grads]
-        carry = extra is not None and _carries(
-            extra, np.dtype(paddle.empty([0], dtype=grads[0].dtype).numpy().dtype))
+        carry = _carries(extra, numpy_dtype(grads[0].dtype))
         if i == 0:  # the same room for extra numbers as the views path: sizes must match
             pieces.append(paddle.to_tensor(_slots(extra), dtype=grads[0].dtype, place=grads[0].place)
                           if carry else paddle.zeros([EXTRA_SLOTS], dtype=grads[0].dtype))

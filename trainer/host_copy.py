@@ -55,6 +55,12 @@ def dlpack_view(tensor: paddle.Tensor) -> Optional[np.ndarray]:
         return None
 
 
+def numpy_dtype(dtype) -> np.dtype:
+    """The numpy dtype that ``Tensor.numpy()`` gives for a Paddle ``dtype`` (bfloat16
+    becomes uint16)."""
+    return np.dtype(paddle.empty([0], dtype=dtype).numpy().dtype)
+
+
 class HostBuffers:
     """Copies groups of named tensors into reusable host arrays.
 

@@ -14,6 +14,7 @@ import numpy as np
 import paddle
 from paddle.framework import core
 
+from paddlerun.trainer.host_copy import numpy_dtype
 from paddlerun.trainer.numpy_rng import NumpyRngReader
 
 # Optimizer state-dict entries that are plain data, not tensors.
@@ -107,7 +108,7 @@ def check_model(layer: paddle.nn.Layer, arrays: Dict[str, np.ndarray], source: s
             raise StateMismatch(f"{source}: parameter {name!r} has shape {list(arrays[name].shape)} "
                                 f"in the snapshot but {list(tensor.shape)} in the model; the model's "
                                 f"shape changed since the snapshot was taken")
-        want = np.dtype(paddle.empty([0], dtype=tensor.dtype).numpy().dtype)
+        want = numpy_dtype(tensor.dtype)
         if arrays[name].dtype != want:
             raise StateMismatch(f"{source}: parameter {name!r} is {arrays[name].dtype} in the "
                                 f"snapshot but {want} in the model")
