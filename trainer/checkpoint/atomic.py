@@ -16,13 +16,14 @@ This module holds the primitives; :mod:`.staging` and :mod:`.store` put them in 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Tuple, Union
+from typing import Iterator, Tuple, Union
 
 #: Read and write in pieces of this size: large enough for full disk speed, small
 #: enough that hashing never holds a big second copy of a file in memory.
@@ -70,16 +71,13 @@ def write_bytes(path: Path, data: Union[bytes, bytearray, memoryview]) -> FileRe
     """Create or truncate ``path``, write ``data`` hashing it on the way, fsync. No directory fsync."""
     h = hashlib.sha256()
     view = memoryview(data).cast("B")
-    try:
-        with open(path, "wb") as f:  # buffered: its write() retries short writes
-            for start in range(0, len(view), CHUNK):
-                piece = view[start:start + CHUNK]
-                f.write(piece)
-                h.update(piece)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as exc:  # write(2) errors name no file: say which one it was
-        raise OSError(exc.errno, f"{exc.strerror}: writing {path}") from exc
+    with _naming(path), open(path, "wb") as f:  # buffered: its write() retries short writes
+        for start in range(0, len(view), CHUNK):
+            piece = view[start:start + CHUNK]
+            f.write(piece)
+            h.update(piece)
+        f.flush()
+        os.fsync(f.fileno())
     return FileRecord(path.name, len(view), h.hexdigest())
 
 
@@ -147,11 +145,18 @@ def _swap_in(path: Path, data: bytes, durable: bool) -> None:
         if durable:
             write_bytes(tmp, data)
         else:
-            try:
+            with _naming(tmp):
                 tmp.write_bytes(data)
-            except OSError as exc:  # write(2) errors name no file: say which one it was
-                raise OSError(exc.errno, f"{exc.strerror}: writing {tmp}") from exc
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """write(2) errors name no file: say which one it was."""
+    try:
+        yield
+    except OSError as exc:
+        raise OSError(exc.errno, f"{exc.strerror}: writing {path}") from exc
