@@ -431,7 +431,7 @@ class ProcessTree:
                 self._signal_all(survivors, signal.SIGKILL)
                 for key in survivors:
                     report[key]["how"] = "SIGKILL"
-                for key, proc in self._wait_gone(survivors, kill_timeout_s).items():
+                for key in self._wait_gone(survivors, kill_timeout_s):
                     report[key]["how"] = "unkillable"
                     print(
                         f"paddlerun: pid {key[0]} ({report[key]['name']}) survived SIGKILL "
