@@ -1,35 +1,77 @@
 """Two "nodes" on one machine: two supervisors, each with its own launcher (--nnodes 2)."""
+import os
+import signal
 import socket
 
 import pytest
 
-from helpers import assert_no_leftovers, kill_session, run, start, summary, wait, worker_digests
+from helpers import (assert_no_leftovers, events, heartbeat, kill_session, run, start, summary, wait,
+                     wait_for, worker_digests)
 
 pytestmark = pytest.mark.slow
 
 
-def test_two_nodes_of_one_worker_train_like_one_node_of_two(tmp_path):
-    single = tmp_path / "single"
-    assert run(single, "train.max_steps=24").returncode == 0
+def free_port() -> int:
     with socket.socket() as probe:  # a free port for the launchers' rendezvous
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    nodes = [start(tmp_path / f"node{rank}", "train.max_steps=24", "launch.nnodes=2",
-                   f"launch.node_rank={rank}", f"launch.master=127.0.0.1:{port}",
-                   "launch.nproc_per_node=1", f"checkpoint.dir={tmp_path / 'shared-ckpt'}")
-             for rank in (0, 1)]
+        return probe.getsockname()[1]
+
+
+def start_nodes(tmp_path, *sets):
+    port = free_port()
+    return [start(tmp_path / f"node{rank}", *sets, "launch.nnodes=2", f"launch.node_rank={rank}",
+                  f"launch.master=127.0.0.1:{port}", "launch.nproc_per_node=1",
+                  f"checkpoint.dir={tmp_path / 'shared-ckpt'}")
+            for rank in (0, 1)]
+
+
+def wait_all(nodes, timeout=300):
     try:
-        outs = [wait(p, 300) for p in nodes]
+        return [wait(p, timeout) for p in nodes]
     finally:
         for p in nodes:  # a node whose peer failed would wait for it forever
             if p.poll() is None:
                 kill_session(p)
                 p.communicate(timeout=30)
+
+
+def test_two_nodes_of_one_worker_train_like_one_node_of_two(tmp_path):
+    single = tmp_path / "single"
+    assert run(single, "train.max_steps=24").returncode == 0
+    nodes = start_nodes(tmp_path, "train.max_steps=24")
+    outs = wait_all(nodes)
     assert [p.returncode for p in nodes] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     # Each node logs its one worker as workerlog.0 (the launcher numbers them per node).
     digests = [worker_digests(tmp_path / f"node{rank}").get(0) for rank in (0, 1)]
     assert digests == [summary(single)["digest"]] * 2
     # Global rank 0 (on node 0) wrote the snapshots into the shared directory.
     assert (tmp_path / "shared-ckpt" / "step-00000024" / "manifest.json").is_file()
+    for rank in (0, 1):
+        assert_no_leftovers(tmp_path / f"node{rank}")
+
+
+def test_a_worker_killed_on_node_1_restarts_both_nodes_which_end_identical(tmp_path):
+    """Node 1's supervisor restarts its worker; node 0's worker fails through its next
+    collective (Paddle's master does not tell it), writes the emergency snapshot, and its
+    supervisor restarts it too. Both resume from the same snapshot."""
+    total = "train.max_steps=150"
+    single = tmp_path / "single"
+    assert run(single, total).returncode == 0
+    nodes = start_nodes(tmp_path, total)
+    try:
+        pid = wait_for(lambda: (heartbeat(tmp_path / "node1", 1) or {}).get("step", 0) >= 60
+                       and heartbeat(tmp_path / "node1", 1)["pid"], 120, "rank 1 to pass step 60")
+        os.kill(pid, signal.SIGKILL)
+    finally:
+        outs = wait_all(nodes)
+    assert [p.returncode for p in nodes] == [0, 0], outs[0][-4000:] + outs[1][-4000:]
+    for rank in (0, 1):
+        names = [e["event"] for e in events(tmp_path / f"node{rank}")]
+        assert "worker_failed" in names and "restarting" in names and names[-1] == "succeeded", (rank, names)
+    restarted = [summary(tmp_path / f"node{rank}")["restarts"] for rank in (0, 1)]
+    assert restarted == [1, 1]
+    reference = summary(single)["digest"]
+    assert summary(tmp_path / "node0")["digest"] == reference
+    assert worker_digests(tmp_path / "node1", attempt=1) == {0: reference}
     for rank in (0, 1):
         assert_no_leftovers(tmp_path / f"node{rank}")
