@@ -64,9 +64,12 @@ TRANSITIONS = {
 }
 TERMINAL = {State.SUCCEEDED, State.GAVE_UP, State.PREEMPTED}
 
-#: How often the supervisor checks heartbeats, hangs and the console while nothing exits.
-#: A worker's or the launcher's exit wakes it at once (launcher/exit_watch.py).
-CHECK_S = 0.5
+#: How often the supervisor checks heartbeats, hangs and the console while nothing exits:
+#: no more often than workers write heartbeats (``supervisor.heartbeat_interval_s``, 1 s by
+#: default). Exits and signals wake it at once (launcher/exit_watch.py). Every wake-up
+#: delays a worker on a host whose cores all train, and through the next all-reduce all
+#: of them.
+CHECK_S = 1.0
 #: How often it looks when it cannot be woken by an exit (no pidfds), and while it waits
 #: for a dying worker's error file or for workers to exit.
 POLL_S = 0.1
@@ -76,7 +79,7 @@ POLL_S = 0.1
 #: of a core from training on a small host and far more on a busy one. At 1 s the scan
 #: was still 70 % of the supervisor's CPU (py-spy). Teardown scans again in any case,
 #: so all a longer period delays is reaping a zombie orphan.
-TREE_SCAN_S = 5.0
+TREE_SCAN_S = 30.0
 #: SIGTERM -> SIGKILL grace when tearing a failed attempt down.
 TEARDOWN_TERM_S = 5.0
 #: After a worker died: how long paddle's launcher gets to stop the others itself (it
