@@ -66,9 +66,10 @@ TERMINAL = {State.SUCCEEDED, State.GAVE_UP, State.PREEMPTED}
 
 #: How often the supervisor checks heartbeats, hangs and the console while nothing exits.
 #: Exits and signals wake it at once (launcher/exit_watch.py), but only for workers it
-#: has seen a heartbeat of: a worker killed before the next check is found late, often
-#: already reaped by the launcher, so its exit signal is lost to the failure report. At
-#: 1 s that happened in 1 of 3 runs of test_script_mode's kill test; at 0.5 s in 0 of 5.
+#: has seen a heartbeat of: until every local rank has sent one it looks every POLL_S.
+#: (With only CHECK_S, at 1 s, a worker killed just after its first heartbeat was found
+#: late, already reaped by the launcher, its exit signal lost to the failure report: 1 of
+#: 3 runs of test_script_mode's kill test.)
 CHECK_S = 0.5
 #: How often it looks when it cannot be woken by an exit (no pidfds), and while it waits
 #: for a dying worker's error file or for workers to exit.
@@ -245,7 +246,11 @@ class Supervisor:
                 self._emit("hang_detected", ranks={str(k): v for k, v in reasons.items()})
                 self._pending = self._diagnose("hang", beats, reasons=reasons)
                 return State.FAILED
-            self.exits.sleep(POLL_S if self._dead else CHECK_S)
+            # Until every local rank has sent a heartbeat, look often: a worker that dies
+            # before its pid is watched is found only at the next look, maybe reaped by the
+            # launcher already, and its exit signal is then lost to the failure report.
+            starting = len(local) < self.spec.nproc_per_node and now - self.attempt_started < start_timeout
+            self.exits.sleep(POLL_S if self._dead or starting else CHECK_S)
 
     def _fail(self) -> State:
         failure = self._pending
