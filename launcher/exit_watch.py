@@ -77,11 +77,15 @@ class ExitWatch:
                 exited = True
         return exited
 
-    def close(self) -> None:
+    def forget(self) -> None:
+        """Stop watching every process (a new attempt watches its own); signals still wake."""
         for fd in self._fds.values():
             if fd is not None:
                 os.close(fd)
         self._fds.clear()
+
+    def close(self) -> None:
+        self.forget()
         if self._wakeup is not None:
             signal.set_wakeup_fd(self._previous_wakeup)
             for fd in self._wakeup:

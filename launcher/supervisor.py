@@ -190,7 +190,7 @@ class Supervisor:
         finally:
             launch_log.close()
         self.attempt_started = time.time()
-        self.exits.close()
+        self.exits.forget()  # the last attempt's processes; the signal wake-up stays
         self.exits.watch(self.tree.pid)
         self._emit("started", pid=self.tree.pid, nproc_per_node=self.spec.nproc_per_node,
                    restarts=len(self.failures), argv=argv)

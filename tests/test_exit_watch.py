@@ -74,8 +74,9 @@ def test_a_signal_ends_the_sleep_at_once_and_close_restores_the_wakeup_fd():
     watch = ExitWatch(fallback_s=0.1)
     timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGUSR1))
     try:
-        watch.watch(proc.pid)
         watch.wake_on_signals()
+        watch.forget()  # as the supervisor does at every attempt's start
+        watch.watch(proc.pid)
         timer.start()
         started = time.monotonic()
         assert watch.sleep(30) is False  # woken, but no watched process exited

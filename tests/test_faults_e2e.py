@@ -148,9 +148,13 @@ def test_sigkill_in_the_middle_of_a_persist(tmp_path, reference):
 def test_sigterm_to_the_supervisor_then_rerun(tmp_path, reference):
     proc = start(tmp_path, TOTAL)
     worker_pid_at_step(tmp_path, 0, 25)
+    signalled = time.time()
     os.kill(proc.pid, signal.SIGTERM)
     code, out = finish(proc, tmp_path, timeout=120)
     assert code == 75, out[-5000:]
+    requested = next(e for e in events(tmp_path) if e["event"] == "preempt_requested")
+    # The signal wakes the supervisor at once, not at its next check (every 0.5 s).
+    assert requested["time"] - signalled < 0.3, requested["time"] - signalled
     preempted = next(e for e in events(tmp_path) if e["event"] == "preempted")
     assert preempted["clean"], preempted
     saved = [e for e in events(tmp_path) if e.get("reason") == "preempted"]
