@@ -5,8 +5,8 @@ import socket
 
 import pytest
 
-from helpers import (assert_no_leftovers, events, heartbeat, kill_session, run, start, summary, wait,
-                     wait_for, worker_digests)
+from helpers import (assert_no_leftovers, events, heartbeat, kill_session, killed_on_error, run, start,
+                     summary, wait, wait_for, worker_digests)
 
 pytestmark = pytest.mark.slow
 
@@ -58,13 +58,20 @@ def test_a_worker_killed_on_node_1_restarts_both_nodes_which_end_identical(tmp_p
     single = tmp_path / "single"
     assert run(single, total).returncode == 0
     nodes = start_nodes(tmp_path, total)
-    try:
+    with killed_on_error(nodes[0]), killed_on_error(nodes[1]):
         pid = wait_for(lambda: (heartbeat(tmp_path / "node1", 1) or {}).get("step", 0) >= 60
                        and heartbeat(tmp_path / "node1", 1)["pid"], 120, "rank 1 to pass step 60")
+        done_before_kill = heartbeat(tmp_path / "node1", 1)["step"]
         os.kill(pid, signal.SIGKILL)
-    finally:
-        outs = wait_all(nodes)
+    outs = wait_all(nodes)
     assert [p.returncode for p in nodes] == [0, 0], outs[0][-4000:] + outs[1][-4000:]
+    # Both resumed from one snapshot, and lost no step done before the kill: node 0's
+    # emergency snapshot (or a scheduled one of that very step).
+    resumed = [[int(line.rsplit("step-", 1)[1][:8]) for line in
+                (tmp_path / f"node{rank}" / "logs" / "attempt-1" / "workerlog.0").read_text().splitlines()
+                if "resumed from" in line] for rank in (0, 1)]
+    assert resumed[0] == resumed[1] and len(resumed[0]) == 1 and resumed[0][0] >= done_before_kill, \
+        (resumed, done_before_kill)
     for rank in (0, 1):
         names = [e["event"] for e in events(tmp_path / f"node{rank}")]
         assert "worker_failed" in names and "restarting" in names and names[-1] == "succeeded", (rank, names)
