@@ -123,7 +123,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5, help="runs of each variant (default 5)")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS)[:4], choices=list(VARIANTS),
+    parser.add_argument("--variants", nargs="+", default=["plain", "paddlerun", "no-snapshots", "dataparallel"],
+                        choices=list(VARIANTS),
                         help="plain is always run: the ratios need it")
     parser.add_argument("--steps", type=int, default=600, help="last timed step (multiple of 10)")
     parser.add_argument("--warmup", type=int, default=50, help="timing starts after this step (multiple of 10)")
