@@ -30,7 +30,7 @@ def fake_peer(monkeypatch):
 
 
 @pytest.mark.parametrize("bucket_bytes", [grad_sync.BUCKET_BYTES, 64 << 10])  # one bucket, several
-def test_numpy_views_and_paddle_ops_give_the_same_bits(fake_peer, bucket_bytes):
+def test_host_memory_copies_and_paddle_ops_give_the_same_bits(fake_peer, bucket_bytes):
     paddle.seed(0)
     model = LeNet()
     backward(model)
@@ -39,17 +39,17 @@ def test_numpy_views_and_paddle_ops_give_the_same_bits(fake_peer, bucket_bytes):
     assert sync.on_host
     assert (len(sync.buckets) > 1) == (bucket_bytes < grad_sync.BUCKET_BYTES)
     sync()
-    via_views = grads(model)
+    via_host = grads(model)
     for name, g in before.items():  # the average of g and g + 1, to the bit as Paddle computes it
         want = (paddle.to_tensor(g) * 2 + 1).scale_(0.5).numpy()
-        assert np.array_equal(via_views[name], want), name
+        assert np.array_equal(via_host[name], want), name
     # The same gradients through the Paddle-op path (GPU's) give the same bits.
     model.clear_gradients(set_to_zero=False)
     backward(model)
     for i, (bucket, sizes) in enumerate(zip(sync.buckets, sync.sizes)):
         sync._sync_with_paddle_ops(i, bucket, sizes, None)
     via_ops = grads(model)
-    assert all(np.array_equal(via_views[n], via_ops[n]) for n in via_views)
+    assert all(np.array_equal(via_host[n], via_ops[n]) for n in via_host)
 
 
 def test_a_parameter_without_a_gradient_counts_as_zeros(fake_peer):
@@ -69,11 +69,11 @@ def test_the_flat_buffer_is_kept_between_steps(fake_peer):
     sync = GradientSync(model.parameters(), world_size=2)
     backward(model)
     sync()
-    flat = sync._flat[0][1]
+    flat = sync._flat[0][0]
     model.clear_gradients()
     backward(model, seed=1)
     sync()
-    assert sync._flat[0][1] is flat
+    assert sync._flat[0][0] is flat
 
 
 def test_extra_numbers_ride_the_first_all_reduce_on_both_paths(monkeypatch):
