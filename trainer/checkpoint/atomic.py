@@ -84,11 +84,13 @@ def write_bytes(path: Path, data: Union[bytes, bytearray, memoryview]) -> FileRe
 def sha256_file(path: Path) -> Tuple[int, str]:
     """(size, sha256) of a regular file; never follows a symlink (raises ``OSError`` ELOOP)."""
     h = hashlib.sha256()
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
     size = 0
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     with open(fd, "rb", buffering=0) as f:
+        # No bigger than the file (+1 to see its end in one read): a fresh 8 MB buffer
+        # costs ~0.7 ms of zeroing and page faults, most of a small snapshot's hashing.
+        buf = bytearray(min(CHUNK, os.fstat(fd).st_size + 1))
+        view = memoryview(buf)
         while True:
             n = f.readinto(buf)
             if not n:
