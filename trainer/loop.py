@@ -359,7 +359,7 @@ class _Window:
         self._losses.append(loss.detach())
         self._predicted.append(predicted)
         self._labels.append(labels)
-        self._count += len(labels)
+        self._count += labels.shape[0]  # len() of a Tensor is Python in Paddle: 3.6 us, this 0.2
         if len(self._predicted) >= self.FOLD:
             self._fold()
 
