@@ -1,6 +1,7 @@
 """The worker-side Checkpointer in one process: async persist, its errors, restore."""
 import json
 import os
+import threading
 import time
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 
 from paddlerun.trainer import state as tstate
 from paddlerun.trainer.checkpoint import CheckpointError, CheckpointStore
+from paddlerun.trainer.checkpointer import PERSIST_NICE
 from paddlerun.trainer.loop import Position
 
 from checkpointer_kit import make_checkpointer as make, train_step
@@ -87,6 +89,26 @@ def test_at_most_one_persist_in_flight(tmp_path, monkeypatch):
     assert steps[0] == 1
     ckpt.close()
     assert [s.step for s in CheckpointStore(tmp_path / "ckpt").snapshots()] == [1, 2]
+
+
+def test_the_persist_thread_runs_nicer_than_training(tmp_path):
+    """Linux keeps a nice value per thread: the persist thread's is raised, the caller's is not."""
+    ckpt, trainer = make(tmp_path)
+    seen = []
+    persist = ckpt.persist
+
+    def persist_noting_its_priority(captured):
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return persist(captured)
+
+    ckpt.persist = persist_noting_its_priority
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    train_step(trainer)
+    ckpt.save(trainer)
+    ckpt.close()
+    assert seen == [min(19, before + PERSIST_NICE)]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
+    assert [s.step for s in CheckpointStore(tmp_path / "ckpt").snapshots()] == [1]
 
 
 def test_second_writer_on_the_same_directory_is_refused(tmp_path):
