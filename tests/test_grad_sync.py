@@ -39,6 +39,7 @@ def test_host_memory_copies_and_paddle_ops_give_the_same_bits(fake_peer, bucket_
     assert sync.on_host
     assert (len(sync.buckets) > 1) == (bucket_bytes < grad_sync.BUCKET_BYTES)
     sync()
+    assert set(sync._flat) == set(range(len(sync.buckets))), "every bucket took the host-memory path"
     via_host = grads(model)
     for name, g in before.items():  # the average of g and g + 1, to the bit as Paddle computes it
         want = (paddle.to_tensor(g) * 2 + 1).scale_(0.5).numpy()
@@ -50,6 +51,16 @@ def test_host_memory_copies_and_paddle_ops_give_the_same_bits(fake_peer, bucket_
         sync._sync_with_paddle_ops(i, bucket, sizes, None)
     via_ops = grads(model)
     assert all(np.array_equal(via_host[n], via_ops[n]) for n in via_host)
+
+
+def test_only_dense_gradients_of_the_parameters_dtype_are_copied_by_address():
+    """Copying by data pointer trusts size and layout: anything else takes the Paddle ops."""
+    dense = paddle.randn([3])
+    assert grad_sync._copyable([dense, None], dense.dtype)
+    assert not grad_sync._copyable([dense, paddle.randn([3], dtype="float64")], dense.dtype)
+    strided = paddle.randn([4, 3]).transpose([1, 0])
+    assert not strided.is_contiguous()
+    assert not grad_sync._copyable([strided], strided.dtype)
 
 
 def test_a_parameter_without_a_gradient_counts_as_zeros(fake_peer):
