@@ -146,15 +146,16 @@ def make_jobs(work: Path, names: List[str], baseline: Optional[Path] = None) -> 
     def plain_args(progress: Path) -> List[str]:
         return [str(PLAIN), "--steps", str(steps), "--warmup", "1", "--progress", str(progress)]
 
-    jobs = [Job("plain", [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2",
-                          "--log_dir", str(work / "plain-logs"), *plain_args(work / "plain-progress.txt")],
-                work / "plain.out", work / "plain-progress.txt", paddlerun=False)]
+    def plain_job(name: str) -> Job:
+        progress = work / f"{name}-progress.txt"
+        return Job(name, [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2",
+                          "--log_dir", str(work / f"{name}-logs"), *plain_args(progress)],
+                   work / f"{name}.out", progress, paddlerun=False)
+
+    jobs = [plain_job("plain")]
     for name in names:
         if name == PLAIN_AGAIN:
-            progress = work / f"{name}-progress.txt"
-            jobs.append(Job(name, [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2",
-                                   "--log_dir", str(work / f"{name}-logs"), *plain_args(progress)],
-                            work / f"{name}.out", progress, paddlerun=False))
+            jobs.append(plain_job(name))
             continue
         if name == SCRIPT:
             progress = work / f"{name}-progress.txt"
