@@ -260,7 +260,7 @@ def bench_size(mb: float, rounds: int, work: Path) -> Dict[str, Any]:
 
         # (c) paddlerun's synchronous persist of a captured state.
         trainer.position.step += 1
-        captured = ckpt.capture(trainer, "bench", tstate.rng_state())
+        captured = ckpt.capture(trainer, "bench", tstate.capture_rng())
         took, _, _ = timed(lambda: ckpt.persist(captured))
         del captured
         nbytes = dir_bytes(snapshot_path())
@@ -271,7 +271,7 @@ def bench_size(mb: float, rounds: int, work: Path) -> Dict[str, Any]:
         # (c') the same with the model and optimizer files written side by side (what a
         # worker training on a GPU does; CPU workers write one after the other).
         trainer.position.step += 1
-        captured = ckpt.capture(trainer, "bench", tstate.rng_state())
+        captured = ckpt.capture(trainer, "bench", tstate.capture_rng())
         ckpt.write_side_by_side = True
         took, _, _ = timed(lambda: ckpt.persist(captured))
         ckpt.write_side_by_side = False

@@ -32,7 +32,7 @@ from paddlerun.trainer.errors import is_peer_failure
 from paddlerun.trainer.grad_sync import GradientSync, all_reduce_sums, broadcast_parameters
 from paddlerun.trainer.heartbeat import lowest_live_rank
 from paddlerun.trainer.signals import ignoring_sigterm
-from paddlerun.trainer.state import capture_rng, model_arrays, rng_state, rng_to_json
+from paddlerun.trainer.state import capture_rng, model_arrays
 
 log = logging.getLogger("paddlerun.worker")
 
@@ -257,7 +257,7 @@ class Trainer:
                 log.info("a lower rank is alive and writes the emergency snapshot")
                 return
             time.sleep(0.05)
-        rng = rng_to_json(self._rng_before_step) if self._rng_before_step else rng_state()
+        rng = self._rng_before_step or capture_rng()
         with ignoring_sigterm():
             try:
                 path = self.checkpointer.emergency_save(self, rng)
