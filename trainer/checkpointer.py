@@ -174,7 +174,7 @@ class Checkpointer:
         if not (self.is_writer or self.sharded):
             return None
         started = time.perf_counter()
-        staging = self.store.stage(c.step)
+        staging = self.store.stage(c.step, publish_marks=not self.is_writer)  # rank 0 commits
         files = {}
         if self.sharded:
             files[shard_file(self.env.rank)] = c.optimizer

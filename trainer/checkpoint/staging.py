@@ -4,7 +4,9 @@ Every rank that contributes a file calls ``CheckpointStore.stage(step)`` and get
 directory. Each ``write_*`` call writes its file and fsyncs it, then publishes a *done
 mark* ``.<name>.done`` (the file's name, size and sha256, the writer's host and pid) by
 atomic rename. Rank 0's commit waits for the done marks of the files other ranks write:
-a file without its mark may still be half written.
+a file without its mark may still be half written. The committing process knows its own
+files without marks: it stages with ``publish_marks=False`` (a mark costs ~0.12 ms of
+the persist thread's time, holding the GIL against training).
 
 The marks themselves are not fsynced: they only tell the committing rank, while the
 writers are alive, that a file is finished. After a crash a staging directory is never
@@ -34,9 +36,11 @@ _POLL_S = 0.05
 class Staging:
     """The staging directory of one step. Obtain it from ``CheckpointStore.stage(step)``."""
 
-    def __init__(self, path: Path, step: int) -> None:
+    def __init__(self, path: Path, step: int, publish_marks: bool = True) -> None:
         self.path = path
         self.step = step
+        #: Publish a done mark for each file written (False: only this process commits them).
+        self.publish_marks = publish_marks
         #: Files known complete here, by name: written by this process, or confirmed by commit.
         self.records: Dict[str, FileRecord] = {}
 
@@ -126,8 +130,9 @@ class Staging:
         return self.path / name
 
     def _publish(self, record: FileRecord) -> FileRecord:
-        mark = {**record.to_json(), "host": socket.gethostname(), "pid": os.getpid()}
-        atomic.publish_file(self._mark(record.name), (json.dumps(mark) + "\n").encode())
+        if self.publish_marks:
+            mark = {**record.to_json(), "host": socket.gethostname(), "pid": os.getpid()}
+            atomic.publish_file(self._mark(record.name), (json.dumps(mark) + "\n").encode())
         self.records[record.name] = record
         return record
 

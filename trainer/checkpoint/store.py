@@ -90,12 +90,16 @@ class CheckpointStore:
                 else:
                     os.unlink(entry.path)
 
-    def stage(self, step: int) -> Staging:
-        """The staging directory of ``step``: the same path on every rank. Any rank may call it."""
+    def stage(self, step: int, publish_marks: bool = True) -> Staging:
+        """The staging directory of ``step``: the same path on every rank. Any rank may call it.
+
+        ``publish_marks=False`` for the process that commits: it knows its own files, and
+        only files other processes write need done marks (see :mod:`.staging`).
+        """
         layout.check_step(step)
         path = self.directory / layout.staging_name(step)
         path.mkdir(parents=True, exist_ok=True)
-        return Staging(path, step)
+        return Staging(path, step, publish_marks)
 
     def commit(self, staging: Staging, meta: Mapping, expect_files: Sequence[str] = (),
                wait_timeout_s: float = 300.0) -> Path:
