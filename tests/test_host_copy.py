@@ -70,3 +70,27 @@ def test_large_state_is_split_over_threads_and_stays_exact(buffers, monkeypatch)
     assert buffers._pool is not None  # the threaded path ran
     for name, tensor in tensors.items():
         assert np.array_equal(got[name], tensor.numpy()), name
+
+
+def test_views_are_kept_while_tensors_are_updated_in_place(buffers):
+    layer = paddle.nn.Linear(8, 8)
+    opt = paddle.optimizer.Adam(parameters=layer.parameters())
+    for _ in range(3):
+        layer(paddle.randn([2, 8])).mean().backward()
+        opt.step()
+        opt.clear_grad()
+        got = buffers.copy({"model": dict(layer.state_dict())})["model"]
+        assert all(np.array_equal(got[n], t.numpy()) for n, t in layer.state_dict().items())
+    assert buffers.keep_views and len(buffers._views) == 2
+
+
+def test_a_tensor_with_new_memory_or_another_layout_is_viewed_afresh(buffers):
+    square = paddle.arange(16, dtype="float32").reshape([4, 4])
+    buffers.copy({"g": {"t": square}})
+    # The same memory, shape and dtype, other strides: a kept view would read it untransposed.
+    transposed = square.transpose([1, 0])
+    assert transposed.data_ptr() == square.data_ptr()
+    assert np.array_equal(buffers.copy({"g": {"t": transposed}})["g"]["t"], square.numpy().T)
+    assert not buffers.keep_views and not buffers._views  # it moved: nothing pinned from now on
+    other = paddle.full([4, 4], 3.0)  # new memory under the same name
+    assert np.array_equal(buffers.copy({"g": {"t": other}})["g"]["t"], np.full((4, 4), 3.0))
