@@ -15,6 +15,8 @@ Each round runs every variant once, one after the other; odd rounds in the rever
                  (snapshot every ``checkpoint.every_steps=50``, async persist, heartbeats,
                  ``train.grad_sync=auto`` = Python gradient sync on CPU, metrics every 10 steps).
 ``no-snapshots`` the same with ``checkpoint.every_steps=null``: everything but the snapshots.
+``sync-persist`` the same with ``checkpoint.async=false``: each snapshot persisted on the
+                 training thread, no persist thread to hold the GIL against training.
 ``dataparallel`` the same as ``paddlerun`` with ``train.grad_sync=dataparallel``.
 ``slow-heartbeats``  heartbeats every 20 s instead of every second (what they cost).
 ``log-every-50``  the log step (metrics, agreement) every 50 steps instead of 10; the
@@ -62,6 +64,7 @@ VARIANTS = {
     "plain": None,
     "paddlerun": [],
     "no-snapshots": ["checkpoint.every_steps=null"],
+    "sync-persist": ["checkpoint.async=false"],
     "dataparallel": ["train.grad_sync=dataparallel"],
     "slow-heartbeats": ["supervisor.heartbeat_interval_s=20"],
     "log-every-50": ["train.log_every_steps=50"],
