@@ -94,3 +94,16 @@ def test_a_tensor_with_new_memory_or_another_layout_is_viewed_afresh(buffers):
     assert not buffers.keep_views and not buffers._views  # it moved: nothing pinned from now on
     other = paddle.full([4, 4], 3.0)  # new memory under the same name
     assert np.array_equal(buffers.copy({"g": {"t": other}})["g"]["t"], np.full((4, 4), 3.0))
+
+
+def test_the_premise_a_view_holds_its_tensors_memory():
+    """Kept views are safe only because no other tensor can get a viewed address."""
+    freed = paddle.full([256, 256], 1.0)
+    address = freed.data_ptr()
+    del freed
+    assert paddle.full([256, 256], 2.0).data_ptr() == address  # freed memory is reused at once
+    viewed = paddle.full([256, 256], 3.0)
+    view, address = host_copy.host_view(viewed), viewed.data_ptr()
+    del viewed
+    assert paddle.full([256, 256], 4.0).data_ptr() != address  # not while a view holds it
+    assert np.all(view == 3.0)

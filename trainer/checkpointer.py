@@ -224,10 +224,9 @@ class Checkpointer:
 
         Caller: the lowest surviving rank (in plain data parallel every rank holds the
         same replica). ``rng`` is the RNG state from the start of the failed step
-        (:func:`state.capture_rng`), so
-        the snapshot is bit-identical to a scheduled one at that step. The launcher
-        SIGKILLs survivors ~4 s after a death, so this must be quick; if it is cut
-        short, its staging directory is cleaned on the next start.
+        (:func:`state.capture_rng`), so the snapshot is bit-identical to a scheduled one
+        at that step. The launcher SIGKILLs survivors ~4 s after a death, so this must
+        be quick; if it is cut short, its staging directory is cleaned on the next start.
         """
         if self.sharded:
             log.warning("no emergency snapshot with a sharded optimizer: the dead rank's shard "
