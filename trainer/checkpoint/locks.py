@@ -42,29 +42,30 @@ _POLL_S = 0.05
 @contextlib.contextmanager
 def exclusive(lock_path: Path, timeout_s: float, purpose: str) -> Iterator[None]:
     """Hold the checkpoints directory's ``.lock`` while doing ``purpose``."""
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise LockTimeoutError(
-                        f"timed out after {timeout_s:g} s waiting for the checkpoint lock {lock_path} "
-                        f"(to {purpose}). Another process holds it: a commit or retention of this "
-                        f"job, or a `paddlerun ckpt` command. If none should be running, `lsof "
-                        f"{lock_path}` names the holder; otherwise raise checkpoint.lock_timeout_s.",
-                        lock_path) from None
-                time.sleep(_POLL_S)
+    lock = _poll(lambda: ReaderMark.try_take(lock_path, exclusive=True), timeout_s)
+    if lock is None:
+        raise LockTimeoutError(
+            f"timed out after {timeout_s:g} s waiting for the checkpoint lock {lock_path} "
+            f"(to {purpose}). Another process holds it: a commit or retention of this job, "
+            f"or a `paddlerun ckpt` command. If none should be running, `lsof {lock_path}` "
+            f"names the holder; otherwise raise checkpoint.lock_timeout_s.", lock_path)
+    with lock:
         yield
-    finally:
-        os.close(fd)  # closing the only descriptor drops the flock
+
+
+def _poll(take, timeout_s: float):
+    """``take()`` until it returns a held lock, every ``_POLL_S``; None after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        held = take()
+        if held is not None or time.monotonic() >= deadline:
+            return held
+        time.sleep(_POLL_S)
 
 
 class ReaderMark:
-    """A held flock on ``.readers/<snapshot>.lock``: shared for readers, exclusive for retention."""
+    """A held flock on ``.readers/<snapshot>.lock``: shared for readers, exclusive for retention.
+    (:func:`exclusive` holds the directory's ``.lock`` the same way.)"""
 
     def __init__(self, path: Path, fd: int) -> None:
         self.path, self._fd = path, fd
@@ -97,16 +98,12 @@ class ReaderMark:
     @classmethod
     def take_shared(cls, path: Path, timeout_s: float) -> "ReaderMark":
         """Wait (at most ``timeout_s``) for a shared hold; retention holds it only for a rename."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            mark = cls.try_take(path, exclusive=False)
-            if mark is not None:
-                return mark
-            if time.monotonic() >= deadline:
-                raise LockTimeoutError(
-                    f"timed out after {timeout_s:g} s waiting for the reader mark {path}: retention "
-                    f"is deleting this snapshot. `lsof {path}` names the holder.", path)
-            time.sleep(_POLL_S)
+        mark = _poll(lambda: cls.try_take(path, exclusive=False), timeout_s)
+        if mark is None:
+            raise LockTimeoutError(
+                f"timed out after {timeout_s:g} s waiting for the reader mark {path}: retention "
+                f"is deleting this snapshot. `lsof {path}` names the holder.", path)
+        return mark
 
     def unlink(self) -> None:
         """Remove the mark file (retention, after its snapshot is gone), still holding the lock."""
