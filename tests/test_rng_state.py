@@ -4,8 +4,16 @@ import random
 
 import numpy as np
 import paddle
+import pytest
 
 from paddlerun.trainer import state as tstate
+
+
+@pytest.fixture(autouse=True)
+def keep_global_rngs():
+    saved = paddle.get_rng_state(), np.random.get_state(), random.getstate()
+    yield
+    paddle.set_rng_state(saved[0]), np.random.set_state(saved[1]), random.setstate(saved[2])
 
 
 def _draws():
@@ -16,10 +24,9 @@ def _draws():
 def _older_form(saved):
     """What snapshots of earlier versions hold: every long part as a list of ints."""
     paddle_states = [[*head, list(engine.encode("latin-1"))] for *head, engine in saved["paddle"]]
-    words = lambda h: np.frombuffer(bytes.fromhex(h), dtype="<u4").tolist()  # noqa: E731
     return {"paddle": paddle_states,
-            "numpy": [saved["numpy"][0], words(saved["numpy"][1]), *saved["numpy"][2:]],
-            "python": [saved["python"][0], words(saved["python"][1]), saved["python"][2]]}
+            "numpy": [saved["numpy"][0], tstate._words(saved["numpy"][1]), *saved["numpy"][2:]],
+            "python": [saved["python"][0], tstate._words(saved["python"][1]), saved["python"][2]]}
 
 
 def test_restored_states_draw_what_the_saved_ones_would_in_either_form():

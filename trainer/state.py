@@ -75,7 +75,7 @@ def rng_to_json(captured: tuple) -> Dict[str, Any]:
     """The captured RNG states as JSON, their long parts as strings: Paddle's generator
     state is ~6,000 bytes of text, and numpy's and Python's are 624 words each. As lists
     of ints the JSON was 40 KB and took ~0.9 ms to encode on the persist thread, holding
-    the GIL against training; as strings, 20 KB and ~20 us (measured). Snapshots written
+    the GIL against training; as strings, 16 KB and ~75 us (measured). Snapshots written
     with the lists still restore (:func:`restore_rng` reads both)."""
     paddle_states, np_state, py_state = captured
     return {
