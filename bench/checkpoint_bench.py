@@ -73,6 +73,7 @@ from paddlerun.trainer.checkpointer import Checkpointer
 from paddlerun.trainer.config import TrainConfig, config_from_dict
 from paddlerun.trainer.env import WorkerEnv
 from paddlerun.trainer.loop import Position
+from table import print_table  # bench/table.py: scripts here run with bench/ on sys.path
 
 REPO = Path(__file__).resolve().parent.parent
 WIDTH = 1024
@@ -333,7 +334,7 @@ def spread(result: Dict[str, Any], key: str) -> str:
     return f"{ms(result['median'][key])} ({ms(result['min'][key])}-{ms(result['max'][key])})"
 
 
-def print_table(results: List[Dict[str, Any]]) -> None:
+def print_results(results: List[Dict[str, Any]]) -> None:
     head = ["state MB", "async blocked ms", "paddle.save+fsync ms", "paddle.save ms", "persist ms",
             "persist MB/s", "raw MB/s", "blocked/save+fsync", "persist/raw", "side by side ms", "its /raw"]
     rows = []
@@ -440,7 +441,7 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print("\nmedian (min-max) over", args.rounds, "rounds; MB = 10^6 bytes\n")
-    print_table(results)
+    print_results(results)
     info["load_average_1min_at_end"] = os.getloadavg()[0]  # includes this benchmark's own ~2
     if info["load_average_1min_at_start"] > 1.0:
         print(f"\nnote: load average {info['load_average_1min_at_start']:.1f} on {info['nproc']} CPUs "
