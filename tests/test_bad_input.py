@@ -40,7 +40,7 @@ import pytest
 
 from helpers import REPO, assert_no_leftovers, processes_of, run, summary
 from paddlerun.trainer.checkpoint import CheckpointError, CheckpointStore, SnapshotInfo, write_tensors
-from paddlerun.trainer.checkpoint.atomic import sha256_file
+from paddlerun.trainer.checkpoint.digests import hash_file
 
 LOGGER = "paddlerun.checkpoint"
 
@@ -274,7 +274,7 @@ def rewrite_manifest(snapshot: Path, change: Callable[[dict], None] = lambda m: 
     for entry in manifest["files"]:
         source = (targets or {}).get(entry["name"], snapshot / entry["name"])
         if source.is_file():
-            entry["size"], entry["sha256"] = sha256_file(source.resolve())
+            entry["size"], (entry["sha256"],) = hash_file(source.resolve())
     path.write_text(json.dumps(manifest))
 
 

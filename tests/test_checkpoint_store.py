@@ -37,7 +37,8 @@ from paddlerun.trainer.checkpoint import (
     steps_to_keep,
     write_tensors,
 )
-from paddlerun.trainer.checkpoint.atomic import sha256_file
+from paddlerun.trainer.checkpoint.atomic import FileRecord
+from paddlerun.trainer.checkpoint.digests import hash_file
 
 LOGGER = "paddlerun.checkpoint"
 SHARDS = ["optimizer-rank-00000.safetensors", "optimizer-rank-00001.safetensors"]
@@ -103,7 +104,7 @@ def rewrite_manifest(snapshot: Path, change) -> None:
     for entry in manifest["files"]:
         target = snapshot / entry["name"]
         if "/" not in entry["name"] and target.is_file() and not target.is_symlink():
-            entry["size"], entry["sha256"] = sha256_file(target)
+            entry["size"], (entry["sha256"],) = hash_file(target)
     path.write_text(json.dumps(manifest))
 
 
@@ -139,7 +140,7 @@ def test_commit_round_trip(store):
     assert (m["step"], m["epoch"], m["world_size"], m["config_hash"]) == (40, 2, 1, "abc")
     assert {"python", "numpy", "safetensors"} <= set(m["versions"])
     assert info.files["model.safetensors"] == rec
-    assert (rec.size, rec.sha256) == sha256_file(path / "model.safetensors")
+    assert (rec.size, rec.sha256) == hash_file(path / "model.safetensors")
 
     loaded = info.read_tensors("model.safetensors")
     for name, array in {**model_arrays(40), "strided": strided}.items():
@@ -375,9 +376,9 @@ def read_everything(info: SnapshotInfo) -> None:
 def test_read_tensors_refuses_lying_headers_corrupt_files_and_symlinks(tmp_path):
     path = tmp_path / "t.safetensors"
     rec = write_tensors(path, {"w": np.arange(6, dtype=np.float32)})
-    assert read_tensors(path, expected_sha256=rec.sha256)["w"].tolist() == [0, 1, 2, 3, 4, 5]
+    assert read_tensors(path, expected=rec)["w"].tolist() == [0, 1, 2, 3, 4, 5]
     with pytest.raises(CheckpointError, match="t.safetensors is corrupt"):
-        read_tensors(path, expected_sha256="0" * 64)
+        read_tensors(path, expected=FileRecord(rec.name, rec.size, ("0" * 64,)))
     data = path.read_bytes()
     n = struct.unpack("<Q", data[:8])[0]
     (tmp_path / "lies.safetensors").write_bytes(data[:8] + data[8:8 + n].replace(b"[6]", b"[7]") + data[8 + n:])

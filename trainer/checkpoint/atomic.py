@@ -3,7 +3,7 @@
 A snapshot is committed the way orbax's atomicity layer and databases do it:
 
 1. write every file into a private staging directory and fsync each one;
-2. write ``manifest.json`` (size and sha256 of every file) last, fsync it;
+2. write ``manifest.json`` (size and sha256 of every file, :mod:`.digests`) last, fsync it;
 3. fsync the staging directory, so its entries are on disk;
 4. ``rename(2)`` it to ``step-XXXXXXXX`` -- atomic within one filesystem, so a reader
    sees the whole snapshot or nothing;
@@ -17,45 +17,75 @@ This module holds the primitives; :mod:`.staging` and :mod:`.store` put them in 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Tuple, Union
+from typing import Iterator, Optional, Sequence, Union
 
-#: Read and write in pieces of this size: large enough for full disk speed, small
-#: enough that hashing never holds a big second copy of a file in memory.
-CHUNK = 8 << 20
+from .digests import CHUNK, PIECE, Digests, ViewHasher, hash_file, piece_count
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
 class FileRecord:
-    """One file of a snapshot as the manifest records it: name inside the snapshot, size, sha256."""
+    """One file of a snapshot as the manifest records it: name inside the snapshot, size,
+    and its digests (:mod:`.digests`): its sha256, or for a file of more than
+    ``piece_bytes`` bytes the sha256 of each piece of that many bytes, in order."""
 
     name: str
     size: int
-    sha256: str
+    sha256: Digests
+    piece_bytes: int = PIECE
 
     def to_json(self) -> dict:
-        return {"name": self.name, "size": self.size, "sha256": self.sha256}
+        if len(self.sha256) == 1:
+            return {"name": self.name, "size": self.size, "sha256": self.sha256[0]}
+        return {"name": self.name, "size": self.size, "piece_bytes": self.piece_bytes,
+                "sha256_pieces": list(self.sha256)}
 
     @classmethod
     def from_json(cls, obj: object) -> "FileRecord":
         """Parse a manifest entry; raises ``ValueError`` describing what is wrong."""
         if not isinstance(obj, dict):
             raise ValueError(f"file entry {obj!r} is not an object")
-        name, size, digest = obj.get("name"), obj.get("size"), obj.get("sha256")
+        name, size = obj.get("name"), obj.get("size")
         if not isinstance(name, str):
             raise ValueError(f"file entry {obj!r} has no string 'name'")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise ValueError(f"file entry {name!r} has an invalid size {size!r}")
-        if not isinstance(digest, str) or not _SHA256.match(digest):
-            raise ValueError(f"file entry {name!r} has an invalid sha256 {digest!r}")
-        return cls(name, size, digest)
+        if "sha256_pieces" not in obj:
+            digest = obj.get("sha256")
+            if not isinstance(digest, str) or not _SHA256.match(digest):
+                raise ValueError(f"file entry {name!r} has an invalid sha256 {digest!r}")
+            return cls(name, size, (digest,))
+        pieces, piece = obj["sha256_pieces"], obj.get("piece_bytes")
+        if not isinstance(piece, int) or isinstance(piece, bool) or piece <= 0:
+            raise ValueError(f"file entry {name!r} has an invalid piece_bytes {piece!r}")
+        if not isinstance(pieces, list) or not all(isinstance(d, str) and _SHA256.match(d) for d in pieces):
+            raise ValueError(f"file entry {name!r} has an invalid sha256_pieces list")
+        if len(pieces) != piece_count(size, piece):
+            raise ValueError(f"file entry {name!r} has {len(pieces)} sha256_pieces for {size} bytes "
+                             f"in pieces of {piece}; it needs {piece_count(size, piece)}")
+        return cls(name, size, tuple(pieces), piece)
+
+    def mismatch(self, size: int, sha256: Digests, source: str = "the manifest") -> Optional[str]:
+        """How a file of ``size`` bytes and these digests differs from this record (which
+        ``source`` holds), or None."""
+        if size != self.size:
+            return f"{size} bytes where {source} says {self.size}"
+        for i, (found, want) in enumerate(zip(sha256, self.sha256)):
+            if found != want:
+                where = "" if len(self.sha256) == 1 else \
+                    f" of bytes {i * self.piece_bytes}-{min((i + 1) * self.piece_bytes, size) - 1}"
+                return f"sha256{where} {found[:16]}... does not match {source}'s {want[:16]}..."
+        return None
+
+    def mismatch_of_file(self, path: Path, source: str = "the manifest") -> Optional[str]:
+        """:meth:`mismatch` for the file at ``path``, hashed the way this record was."""
+        return self.mismatch(*hash_file(path, self.piece_bytes), source=source)
 
 
 def fsync_dir(path: Union[str, os.PathLike]) -> None:
@@ -68,64 +98,39 @@ def fsync_dir(path: Union[str, os.PathLike]) -> None:
 
 
 def write_bytes(path: Path, data: Union[bytes, bytearray, memoryview]) -> FileRecord:
-    """Create or truncate ``path``, write ``data`` hashing it on the way, fsync. No directory fsync."""
-    h = hashlib.sha256()
-    view = memoryview(data).cast("B")
-    with _naming(path), open(path, "wb") as f:  # buffered: its write() retries short writes
-        for start in range(0, len(view), CHUNK):
-            piece = view[start:start + CHUNK]
-            f.write(piece)
-            h.update(piece)
-        f.flush()
-        os.fsync(f.fileno())
-    return FileRecord(path.name, len(view), h.hexdigest())
+    """Create or truncate ``path``, write ``data`` and fsync, hashing it meanwhile. No directory fsync."""
+    return write_views(path, [memoryview(data)])
 
 
-def sha256_file(path: Path) -> Tuple[int, str]:
-    """(size, sha256) of a regular file; never follows a symlink (raises ``OSError`` ELOOP)."""
-    h = hashlib.sha256()
-    size = 0
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    with open(fd, "rb", buffering=0) as f:
-        # No bigger than the file (+1 to see its end in one read): a fresh 8 MB buffer
-        # costs ~0.7 ms of zeroing and page faults, most of a small snapshot's hashing.
-        buf = bytearray(min(CHUNK, os.fstat(fd).st_size + 1))
-        view = memoryview(buf)
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            h.update(view[:n])
-            size += n
-    return size, h.hexdigest()
+def write_views(path: Path, views: Sequence[memoryview]) -> FileRecord:
+    """Create or truncate ``path`` holding the bytes of ``views`` laid end to end, fsync it,
+    and return its record. No directory fsync.
 
-
-def fsync_and_hash(path: Path) -> FileRecord:
-    """fsync a file another writer (the safetensors library) just wrote, and hash it.
-
-    The fsync runs in a thread while this thread hashes the file back from the page
-    cache: both release the GIL, so the pair costs about as long as the slower of the
-    two (see tensors_io.write_tensors for the numbers).
+    The pieces are hashed from memory in threads while this thread writes the same
+    bytes: measured on 3 GB, hashing the file back after writing it took 2.8 x a raw
+    write; hashing side by side, at most the slower of the two.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    errors = []
-
-    def sync() -> None:
-        try:
-            os.fsync(fd)
-        except OSError as exc:  # surfaced below, never swallowed
-            errors.append(exc)
-
-    syncer = threading.Thread(target=sync, name="paddlerun-fsync")
-    syncer.start()
+    hasher = ViewHasher(views)
+    size = 0
     try:
-        size, digest = sha256_file(path)
+        with _naming(path), open(path, "wb", buffering=0) as f:
+            for view in views:
+                view = memoryview(view).cast("B")
+                for start in range(0, len(view), CHUNK):
+                    size += _write_all(f, view[start:start + CHUNK])
+            os.fsync(f.fileno())
+        digests = hasher.digests()
     finally:
-        syncer.join()
-        os.close(fd)
-    if errors:
-        raise OSError(errors[0].errno, f"{errors[0].strerror}: fsync of {path}") from errors[0]
-    return FileRecord(path.name, size, digest)
+        hasher.close()
+    return FileRecord(path.name, size, digests)
+
+
+def _write_all(f, view: memoryview) -> int:
+    """write(2) until all of ``view`` is written (it may write less); returns its length."""
+    done = 0
+    while done < len(view):
+        done += f.write(view[done:])
+    return done
 
 
 def publish_file(path: Path, data: bytes) -> None:

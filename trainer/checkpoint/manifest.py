@@ -11,6 +11,11 @@
       "epoch": 3, "world_size": 2, ...      every key of the caller's ``meta``
     }
 
+A file of more than 64 MiB is recorded with the sha256 of each 64 MiB piece instead
+(``{"name": ..., "size": ..., "piece_bytes": 67108864, "sha256_pieces": [...]}``, see
+:mod:`.digests`); a manifest holding such a record is format_version 2, so that an older
+paddlerun refuses it by its version rather than by a missing sha256.
+
 Snapshots are flat: a file name is one plain path component, so a manifest can never
 name anything outside its snapshot (absolute paths, ``..`` and ``/`` are refused).
 """
@@ -27,7 +32,9 @@ from .atomic import FileRecord
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "paddlerun.snapshot"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions this paddlerun reads: 1 has a whole-file sha256 in every record.
+READABLE_VERSIONS = (1, 2)
 #: Keys the store writes itself; the caller's ``meta`` may not use them (``versions`` is merged).
 RESERVED_KEYS = frozenset({"format", "format_version", "step", "created_unix", "versions", "files"})
 
@@ -60,13 +67,15 @@ def _detected_versions() -> dict:
 
 def build(step: int, records: Iterable[FileRecord], meta: Mapping) -> dict:
     """The manifest of ``step`` holding ``records``; ``meta`` keys go to the top level."""
+    records = list(records)
     clash = sorted(k for k in RESERVED_KEYS.intersection(meta) - {"versions"}
                    if not (k == "step" and meta[k] == step))  # repeating the step is harmless
     if clash:
         raise ValueError(f"meta keys {clash} are reserved by the manifest; rename them")
     return {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        # The lowest version that describes it: snapshots of small models stay readable by older paddleruns.
+        "format_version": FORMAT_VERSION if any(len(r.sha256) > 1 for r in records) else 1,
         "step": step,
         "created_unix": time.time(),
         "versions": {**_detected_versions(), **dict(meta.get("versions", {}))},
@@ -88,9 +97,10 @@ def parse(data: bytes, step: Optional[int]) -> dict:
         raise ValueError(f"is not valid JSON ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"is not a paddlerun manifest (no \"format\": \"{FORMAT}\")")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"has format_version {manifest.get('format_version')!r}; this paddlerun "
-                         f"reads version {FORMAT_VERSION} (was it written by a newer paddlerun?)")
+    version = manifest.get("format_version")
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
+        raise ValueError(f"has format_version {version!r}; this paddlerun reads versions "
+                         f"{', '.join(map(str, READABLE_VERSIONS))} (was it written by a newer paddlerun?)")
     found = manifest.get("step")
     if not isinstance(found, int) or isinstance(found, bool) or found < 0:
         raise ValueError(f"has an invalid step {found!r}")
@@ -107,6 +117,8 @@ def parse(data: bytes, step: Optional[int]) -> dict:
             raise ValueError(f"names an unsafe path: {problem}")
         if record.name in seen:
             raise ValueError(f"names {record.name!r} twice")
+        if version == 1 and len(record.sha256) > 1:
+            raise ValueError(f"is format_version 1 but records {record.name!r} in sha256_pieces (version 2)")
         seen.add(record.name)
     return manifest
 

@@ -1,7 +1,6 @@
 """A snapshot as readers see it: :class:`SnapshotInfo`, and reading its files against the manifest."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
@@ -13,6 +12,7 @@ import numpy as np
 
 from . import manifest as mf
 from .atomic import FileRecord
+from .digests import hash_bytes
 from .errors import CheckpointError
 from .layout import parse_step
 from .tensors_io import read_tensors
@@ -60,10 +60,9 @@ class SnapshotInfo:
                 data = f.read()
         except OSError as exc:
             raise CheckpointError(f"cannot read {path}: {exc}", path) from exc
-        digest = hashlib.sha256(data).hexdigest()
-        if len(data) != record.size or digest != record.sha256:
-            raise CheckpointError(f"{path} does not match {mf.MANIFEST_NAME} (size {len(data)}, expected "
-                                  f"{record.size}; sha256 {digest}, expected {record.sha256}): the "
+        problem = record.mismatch(len(data), hash_bytes(data, record.piece_bytes))
+        if problem:
+            raise CheckpointError(f"{path} does not match {mf.MANIFEST_NAME} ({problem}): the "
                                   f"snapshot is corrupt", path)
         return data
 
@@ -84,7 +83,7 @@ class SnapshotInfo:
         if not stat.S_ISREG(st.st_mode) or st.st_size != record.size:
             raise CheckpointError(f"{path} is not the regular file of {record.size} bytes that "
                                   f"{mf.MANIFEST_NAME} records: the snapshot is corrupt", path)
-        return read_tensors(path, expected_sha256=record.sha256)
+        return read_tensors(path, expected=record)
 
     def _record(self, name: str):
         if self.manifest is None:

@@ -28,7 +28,7 @@ from typing import Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from . import layout
 from . import manifest as mf
-from .atomic import FileRecord, fsync_dir, sha256_file, write_bytes
+from .atomic import FileRecord, fsync_dir, write_bytes
 from .errors import CheckpointError, StepAlreadyExistsError
 from .locks import ReaderMark, WriterClaim, exclusive
 from .retention import steps_to_keep
@@ -253,13 +253,12 @@ class CheckpointStore:
     def _rehash(self, staging: Staging, published: FileRecord) -> FileRecord:
         path = staging.path / published.name
         try:
-            size, digest = sha256_file(path)
+            problem = published.mismatch_of_file(path, source="its done mark")
         except OSError as exc:
             raise CheckpointError(f"cannot read {path}, which its writer marked done: {exc}", path) from exc
-        if (size, digest) != (published.size, published.sha256):
+        if problem:
             raise CheckpointError(
-                f"{path} does not match what its writer published (size {size} vs {published.size}, "
-                f"sha256 {digest} vs {published.sha256}): it changed after it was marked done. "
+                f"{path} does not match what its writer published ({problem}): it changed after it was marked done. "
                 f"Two processes may be writing the same file.", path)
         return published
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import manifest as mf
-from .atomic import sha256_file
+from .atomic import FileRecord
 from .tensors_io import header_problem
 
 
@@ -93,7 +93,7 @@ def _check(path: Path, step: Optional[int], verify: bool, sizes: dict) -> dict:
                                                  f"{mf.MANIFEST_NAME} says {record.size} (truncated?)", manifest)
     if verify:
         for record in records:
-            problem = _content_problem(path / record.name, record.sha256)
+            problem = _content_problem(path / record.name, record)
             if problem:
                 raise _Broken(SnapshotState.CORRUPT, f"{record.name}: {problem}", manifest)
     return manifest
@@ -109,10 +109,10 @@ def _read_manifest(path: Path, step: Optional[int]) -> dict:
         raise _Broken(SnapshotState.CORRUPT, f"{mf.MANIFEST_NAME} {exc}") from None
 
 
-def _content_problem(path: Path, sha256: str) -> Optional[str]:
-    _, digest = sha256_file(path)
-    if digest != sha256:
-        return f"sha256 {digest[:16]}... does not match the manifest's {sha256[:16]}..."
+def _content_problem(path: Path, record: FileRecord) -> Optional[str]:
+    mismatch = record.mismatch_of_file(path)
+    if mismatch:
+        return mismatch
     if path.suffix == ".json":
         try:
             json.loads(path.read_bytes())
