@@ -168,7 +168,7 @@ def raw_write(path: Path, nbytes: int, block: memoryview, writeback: bool = Fals
         while done < nbytes:
             written = os.write(fd, block[:min(nbytes - done, len(block))])
             if writeback:
-                start_writeback(fd, done - len(block), len(block))
+                start_writeback(fd, done, written)
             done += written
         os.fsync(fd)
     finally:

@@ -17,6 +17,7 @@ This module holds the primitives; :mod:`.staging` and :mod:`.store` put them in 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
 import threading
@@ -118,7 +119,7 @@ def write_views(path: Path, views: Sequence[memoryview]) -> FileRecord:
                 view = memoryview(view).cast("B")
                 for start in range(0, len(view), CHUNK):
                     written = _write_all(f, view[start:start + CHUNK])
-                    start_writeback(f.fileno(), size - CHUNK, CHUNK)  # the chunk before this one
+                    start_writeback(f.fileno(), size, written)
                     size += written
             os.fsync(f.fileno())
         digests = hasher.digests()
@@ -131,12 +132,28 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     """Have the kernel start writing ``length`` bytes at ``offset`` to the disk now.
 
     Left alone it waits until 10 % of memory is dirty, so the disk idles while a file is
-    written and the fsync then waits for all of it. Measured (1 GB and 2 GB files, each
-    fsynced): 2.41 s without, 1.59 s with this after every 8 MB, 1.88 s for one 3 GB
-    file. The pages are dropped from the cache once written; nothing reads them back.
+    written and the fsync then waits for all of it. Measured (a 1 GB and a 2 GB file,
+    each fsynced): 2.41-2.62 s without, 1.61-1.69 s with this after every 8 MB, 1.88-2.24 s
+    for one 3 GB file. ``sync_file_range(2)`` only starts the writes (the fsync still
+    makes them durable) and keeps the pages cached for a restart that reads them back;
+    where libc lacks it, nothing is done.
     """
-    if offset >= 0 and hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+    if _sync_file_range is not None and length > 0:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)  # a hint: its errors do not matter
+
+
+def _libc_sync_file_range():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range  # ctypes calls release the GIL
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _libc_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>
 
 
 def _write_all(f, view: memoryview) -> int:
