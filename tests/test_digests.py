@@ -2,6 +2,8 @@
 import hashlib
 import json
 import sys
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,12 +37,31 @@ def test_pieces_are_the_sha256_of_each_slice_and_one_piece_is_the_plain_sha256(t
 
 def test_views_are_hashed_as_the_file_they_make_across_their_boundaries(tmp_path):
     rng = np.random.default_rng(0)
-    views = [memoryview(rng.integers(0, 256, n, dtype=np.uint8).tobytes()) for n in (3, 1500, 0, 700, 997)]
-    data = b"".join(views)
-    # min_parallel=0: the pieces go to threads even though they are tiny.
-    hasher = ViewHasher(views, piece=1000, threads=2, min_parallel=0)
-    assert hasher.digests() == pieces_by_hand(data, 1000)
-    assert ViewHasher(views, piece=1000).digests() == pieces_by_hand(data, 1000)  # inline
+    for sizes in ((3, 1500, 0, 700, 997), (1000, 1000, 500), (1000, 2000)):  # ends on a piece's end
+        views = [memoryview(rng.integers(0, 256, n, dtype=np.uint8).tobytes()) for n in sizes]
+        data = b"".join(views)
+        # min_parallel=0: the pieces go to threads even though they are tiny.
+        hasher = ViewHasher(views, piece=1000, threads=2, min_parallel=0)
+        assert hasher.digests() == pieces_by_hand(data, 1000), sizes
+        assert ViewHasher(views, piece=1000).digests() == pieces_by_hand(data, 1000), sizes  # inline
+
+
+def test_a_failed_write_names_the_file_and_leaves_no_hashing_thread():
+    before = threading.active_count()
+    with pytest.raises(OSError, match="writing /dev/full"):  # ENOSPC on the first write
+        write_views(Path("/dev/full"), [memoryview(bytes(16 << 20))])
+    assert threading.active_count() == before
+
+
+def test_one_digest_is_of_the_whole_file_however_big_as_format_version_1_wrote_it(tmp_path):
+    data = bytes(range(256)) * 10
+    (tmp_path / "f").write_bytes(data)
+    whole = FileRecord("f", len(data), (hashlib.sha256(data).hexdigest(),), piece_bytes=1000)
+    assert whole.hashed_in == len(data)
+    assert whole.mismatch_of_file(tmp_path / "f") is None
+    pieces = FileRecord("f", len(data), pieces_by_hand(data, 1000), piece_bytes=1000)
+    assert pieces.mismatch_of_file(tmp_path / "f") is None
+    assert "3 sha256 pieces where the manifest has 1" in whole.mismatch(len(data), pieces.sha256)
 
 
 def test_write_views_records_what_it_wrote(tmp_path):
@@ -116,6 +137,8 @@ def test_records_of_several_pieces_round_trip_and_are_checked():
         FileRecord.from_json({**entry, "piece_bytes": 0})
     with pytest.raises(ValueError, match="invalid sha256_pieces"):
         FileRecord.from_json({**entry, "sha256_pieces": ["A" * 64] * 3})
+    with pytest.raises(ValueError, match="both a sha256 and sha256_pieces"):
+        FileRecord.from_json({**entry, "sha256": "a" * 64})
     assert record.mismatch(2 * PIECE + 1, ("a" * 64, "d" * 64, "c" * 64)) == (
         f"sha256 of bytes {PIECE}-{2 * PIECE - 1} dddddddddddddddd... does not match the "
         f"manifest's bbbbbbbbbbbbbbbb...")
@@ -130,8 +153,9 @@ def test_a_manifest_is_version_1_unless_a_file_needs_pieces():
     assert mf.parse(mf.dumps(v2), 1)["files"][1]["sha256_pieces"] == ["a" * 64, "b" * 64]
     with pytest.raises(ValueError, match="is format_version 1 but records 'b' in sha256_pieces"):
         mf.parse(mf.dumps({**v2, "format_version": 1}), 1)
-    with pytest.raises(ValueError, match="format_version 3; this paddlerun reads versions 1, 2"):
-        mf.parse(mf.dumps({**v2, "format_version": 3}), 1)
+    for version in (3, 1.0, True, "2"):
+        with pytest.raises(ValueError, match="this paddlerun reads versions 1, 2"):
+            mf.parse(mf.dumps({**v2, "format_version": version}), 1)
 
 
 def test_a_snapshot_file_of_several_pieces_commits_verifies_and_names_a_corrupt_piece(tmp_path):
@@ -149,6 +173,20 @@ def test_a_snapshot_file_of_several_pieces_commits_verifies_and_names_a_corrupt_
     data = (path / "model.safetensors").read_bytes()
     assert entry["sha256_pieces"] == list(pieces_by_hand(data, PIECE))
     assert np.array_equal(info.read_tensors("model.safetensors")["w"], big)
+
+    # The same snapshot as the version before wrote it (format_version 1, one sha256 of
+    # the whole file) is complete and restores: a resume after the upgrade finds it.
+    as_written = (path / "manifest.json").read_text()
+    manifest = json.loads(as_written)
+    del manifest["files"][0]["sha256_pieces"], manifest["files"][0]["piece_bytes"]
+    manifest["files"][0]["sha256"] = hashlib.sha256(data).hexdigest()
+    manifest["format_version"] = 1
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    old = inspect_snapshot(path)
+    assert old.complete, old.problem
+    assert np.array_equal(old.read_tensors("model.safetensors")["w"], big)
+    assert old.read_bytes("model.safetensors") == data
+    (path / "manifest.json").write_text(as_written)
 
     with open(path / "model.safetensors", "r+b") as f:  # one byte of the second piece
         f.seek(PIECE + 5)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import re
 import threading
@@ -58,10 +59,12 @@ class FileRecord:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise ValueError(f"file entry {name!r} has an invalid size {size!r}")
         if "sha256_pieces" not in obj:
-            digest = obj.get("sha256")
+            digest = obj.get("sha256")  # of the whole file, however big (all of format_version 1)
             if not isinstance(digest, str) or not _SHA256.match(digest):
                 raise ValueError(f"file entry {name!r} has an invalid sha256 {digest!r}")
             return cls(name, size, (digest,))
+        if "sha256" in obj:
+            raise ValueError(f"file entry {name!r} has both a sha256 and sha256_pieces")
         pieces, piece = obj["sha256_pieces"], obj.get("piece_bytes")
         if not isinstance(piece, int) or isinstance(piece, bool) or piece <= 0:
             raise ValueError(f"file entry {name!r} has an invalid piece_bytes {piece!r}")
@@ -77,6 +80,8 @@ class FileRecord:
         ``source`` holds), or None."""
         if size != self.size:
             return f"{size} bytes where {source} says {self.size}"
+        if len(sha256) != len(self.sha256):  # hashed in other pieces than this record's
+            return f"{len(sha256)} sha256 pieces where {source} has {len(self.sha256)}"
         for i, (found, want) in enumerate(zip(sha256, self.sha256)):
             if found != want:
                 where = "" if len(self.sha256) == 1 else \
@@ -84,9 +89,15 @@ class FileRecord:
                 return f"sha256{where} {found[:16]}... does not match {source}'s {want[:16]}..."
         return None
 
+    @property
+    def hashed_in(self) -> int:
+        """The piece size this record's digests were taken in: one digest is always of the
+        whole file (a format_version 1 record may be of any size)."""
+        return self.piece_bytes if len(self.sha256) > 1 else max(self.size, 1)
+
     def mismatch_of_file(self, path: Path, source: str = "the manifest") -> Optional[str]:
         """:meth:`mismatch` for the file at ``path``, hashed the way this record was."""
-        return self.mismatch(*hash_file(path, self.piece_bytes), source=source)
+        return self.mismatch(*hash_file(path, self.hashed_in), source=source)
 
 
 def fsync_dir(path: Union[str, os.PathLike]) -> None:
@@ -108,8 +119,9 @@ def write_views(path: Path, views: Sequence[memoryview]) -> FileRecord:
     and return its record. No directory fsync.
 
     The pieces are hashed from memory in threads while this thread writes the same
-    bytes: measured on 3 GB, hashing the file back after writing it took 2.8 x a raw
-    write; hashing side by side, at most the slower of the two.
+    bytes, rather than read back and hashed after the write (figures in
+    :func:`.tensors_io.write_tensors`). So nothing may change the views' memory until
+    this returns (the checkpointer's capture buffers are not reused before then).
     """
     hasher = ViewHasher(views)
     size = 0
@@ -160,7 +172,10 @@ def _write_all(f, view: memoryview) -> int:
     """write(2) until all of ``view`` is written (it may write less); returns its length."""
     done = 0
     while done < len(view):
-        done += f.write(view[done:])
+        n = f.write(view[done:])
+        if not n:  # cannot happen for a regular file; never loop on it
+            raise OSError(errno.EIO, f"write(2) wrote nothing of {len(view) - done} bytes")
+        done += n
     return done
 
 

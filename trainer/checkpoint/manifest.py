@@ -98,7 +98,7 @@ def parse(data: bytes, step: Optional[int]) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"is not a paddlerun manifest (no \"format\": \"{FORMAT}\")")
     version = manifest.get("format_version")
-    if version not in READABLE_VERSIONS or isinstance(version, bool):
+    if type(version) is not int or version not in READABLE_VERSIONS:
         raise ValueError(f"has format_version {version!r}; this paddlerun reads versions "
                          f"{', '.join(map(str, READABLE_VERSIONS))} (was it written by a newer paddlerun?)")
     found = manifest.get("step")

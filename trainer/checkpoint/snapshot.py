@@ -60,7 +60,7 @@ class SnapshotInfo:
                 data = f.read()
         except OSError as exc:
             raise CheckpointError(f"cannot read {path}: {exc}", path) from exc
-        problem = record.mismatch(len(data), hash_bytes(data, record.piece_bytes))
+        problem = record.mismatch(len(data), hash_bytes(data, record.hashed_in))
         if problem:
             raise CheckpointError(f"{path} does not match {mf.MANIFEST_NAME} ({problem}): the "
                                   f"snapshot is corrupt", path)

@@ -49,7 +49,7 @@ def _layout(path: Path, arrays: Mapping[str, np.ndarray], metadata: Optional[Map
         if not isinstance(name, str) or name == "__metadata__" or not isinstance(array, np.ndarray):
             raise CheckpointError(f"cannot write {path}: entry {name!r} must be a str name (not "
                                   f"'__metadata__') and a numpy array, got {type(array).__name__}", path)
-        dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
+        dtype = array.dtype.newbyteorder("<")  # safetensors is little-endian, whatever the host
         if dtype not in _DTYPES:
             raise CheckpointError(f"cannot write {path}: entry {name!r} has dtype {array.dtype}, which "
                                   f"safetensors does not store (it takes {', '.join(map(str, _DTYPES))})", path)
