@@ -1,6 +1,7 @@
 """Snapshot files hashed in pieces, and the safetensors files paddlerun streams itself."""
 import hashlib
 import json
+import os
 import sys
 import threading
 from pathlib import Path
@@ -51,6 +52,30 @@ def test_a_failed_write_names_the_file_and_leaves_no_hashing_thread():
     with pytest.raises(OSError, match="writing /dev/full"):  # ENOSPC on the first write
         write_views(Path("/dev/full"), [memoryview(bytes(16 << 20))])
     assert threading.active_count() == before
+
+
+def test_short_writes_are_resumed_where_they_stopped(tmp_path, monkeypatch):
+    real_writev = os.writev
+    calls = []
+
+    def at_most_7_bytes(fd, parts):  # what write(2) may do (a signal, a full disk's last bytes)
+        calls.append(len(parts))
+        return os.write(fd, b"".join(bytes(p) for p in parts)[:7])
+
+    views = [memoryview(b"header"), memoryview(np.arange(10, dtype=np.int32)), memoryview(b"!")]
+    monkeypatch.setattr(os, "writev", at_most_7_bytes)
+    record = write_views(tmp_path / "f", views)
+    monkeypatch.setattr(os, "writev", real_writev)
+    want = b"header" + np.arange(10, dtype=np.int32).tobytes() + b"!"
+    assert (tmp_path / "f").read_bytes() == want and record.size == len(want)
+    assert len(calls) == -(-len(want) // 7)
+
+
+def test_more_arrays_than_one_writev_takes(tmp_path):
+    arrays = {f"b{i}": np.full(3, i, dtype=np.int16) for i in range(1500)}  # IOV_MAX is 1024
+    write_tensors(tmp_path / "many.safetensors", arrays)
+    got = read_tensors(tmp_path / "many.safetensors")
+    assert len(got) == 1500 and all(np.array_equal(got[k], v) for k, v in arrays.items())
 
 
 def test_one_digest_is_of_the_whole_file_however_big_as_format_version_1_wrote_it(tmp_path):

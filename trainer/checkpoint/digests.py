@@ -31,7 +31,7 @@ def piece_count(size: int, piece: int = PIECE) -> int:
     return max(1, -(-size // piece))
 
 
-def _split(views: Sequence[memoryview], piece: int) -> List[List[memoryview]]:
+def cut(views: Sequence[memoryview], piece: int) -> List[List[memoryview]]:
     """The bytes of ``views`` laid end to end, cut into pieces of ``piece`` bytes."""
     pieces, current, room = [], [], piece
     for view in views:
@@ -67,7 +67,7 @@ class ViewHasher:
 
     def __init__(self, views: Sequence[memoryview], piece: int = PIECE,
                  threads: int = THREADS, min_parallel: int = 4 << 20) -> None:
-        self._pieces = _split([memoryview(v).cast("B") for v in views], piece)
+        self._pieces = cut([memoryview(v).cast("B") for v in views], piece)
         total = sum(len(p) for parts in self._pieces for p in parts)
         self._pool = self._futures = None
         if total >= min_parallel:
