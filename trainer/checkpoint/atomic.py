@@ -123,12 +123,12 @@ def write_views(path: Path, views: Sequence[memoryview]) -> FileRecord:
     :func:`.tensors_io.write_tensors`). So nothing may change the views' memory until
     this returns (the checkpointer's capture buffers are not reused before then).
     """
-    hasher = ViewHasher(views)
-    total = sum(memoryview(v).nbytes for v in views)
-    size = 0
-    try:
-        with _naming(path), open(path, "wb", buffering=0) as f:
-            for parts in cut([memoryview(v).cast("B") for v in views], CHUNK):
+    views = [memoryview(v).cast("B") for v in views]
+    total, size = sum(map(len, views)), 0
+    with _naming(path), open(path, "wb", buffering=0) as f:
+        hasher = ViewHasher(views)  # only once the file is open: a failed open hashes nothing
+        try:
+            for parts in cut(views, CHUNK):
                 # writev(2): one call for a chunk's many small arrays (LeNet's 50 took 50 writes).
                 start = size
                 for first in range(0, len(parts), _IOV_MAX):
@@ -136,9 +136,9 @@ def write_views(path: Path, views: Sequence[memoryview]) -> FileRecord:
                 if total > CHUNK:  # a smaller file is all written by the fsync below anyway
                     start_writeback(f.fileno(), start, size - start)
             os.fsync(f.fileno())
-        digests = hasher.digests()
-    finally:
-        hasher.close()
+            digests = hasher.digests()
+        finally:
+            hasher.close()
     return FileRecord(path.name, size, digests)
 
 
