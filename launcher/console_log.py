@@ -7,13 +7,16 @@ emergency snapshot). :func:`unshown_lines` finds them, so the supervisor can sho
 """
 from __future__ import annotations
 
+import bisect
 from pathlib import Path
-from typing import List, TextIO
+from typing import Dict, List, TextIO
 
 #: How much of the end of each log is compared (the launcher copies up to 1000 lines at a time).
 TAIL_BYTES = 256 << 10
 #: At most this many lines are shown: a mismatch can only cost this many repeated lines.
 MAX_LINES = 50
+#: Worker lines before a matched one that must be in the launch log too, in order.
+CONTEXT = 2
 
 
 class LaunchLogForwarder:
@@ -55,15 +58,32 @@ def unshown_lines(worker_log: Path, launch_log: Path) -> List[str]:
     """The last lines of ``worker_log`` that ``launch_log`` does not show yet.
 
     The launcher copies the worker's log in order, line by line, so what it has not
-    copied is what follows the last worker line found in ``launch_log``. A line that
-    repeats an earlier one can only make this show too little, never twice.
+    copied is what follows the last worker line found in ``launch_log`` -- found together
+    with the ``CONTEXT`` worker lines before it, in that order: a line as common as
+    "Traceback (most recent call last):" is also in the launcher's own output when it is
+    stopped, and alone it would hide every worker line before it. A match can only make
+    this show too little, never a line twice.
     """
     worker = tail_lines(worker_log)
-    shown = set(tail_lines(launch_log))
+    where: Dict[str, List[int]] = {}
+    for i, line in enumerate(tail_lines(launch_log)):
+        where.setdefault(line, []).append(i)
     for k in range(len(worker) - 1, -1, -1):
-        if worker[k] in shown:
+        if _shown_in_order(worker[max(k - CONTEXT, 0):k + 1], where):
             return worker[k + 1:][-MAX_LINES:]
     return worker[-MAX_LINES:]
+
+
+def _shown_in_order(lines: List[str], where: Dict[str, List[int]]) -> bool:
+    """Whether ``lines`` appear in the launch log in this order (other lines between)."""
+    before = None  # the position of the line after, going backwards
+    for line in reversed(lines):
+        positions = where.get(line, [])
+        i = len(positions) if before is None else bisect.bisect_left(positions, before)
+        if i == 0:
+            return False
+        before = positions[i - 1]
+    return True
 
 
 def tail_lines(path: Path, nbytes: int = TAIL_BYTES) -> List[str]:

@@ -33,10 +33,25 @@ def test_nothing_copied_shows_the_last_lines_only(tmp_path):
     assert unshown_lines(worker, tmp_path / "no-launch.log") == many[-MAX_LINES:]
 
 
-def test_a_repeated_line_can_only_show_too_little(tmp_path):
+def test_a_repeated_line_is_told_apart_by_the_lines_before_it(tmp_path):
     worker = write(tmp_path / "workerlog.0", ["warning: slow", "step 1", "warning: slow", "step 2"])
     launch = write(tmp_path / "launch.log", ["warning: slow", "step 1"])
-    assert unshown_lines(worker, launch) == ["step 2"]
+    assert unshown_lines(worker, launch) == ["warning: slow", "step 2"]
+
+
+def test_a_line_the_launcher_also_prints_does_not_hide_the_lines_before_it(tmp_path):
+    # Seen in CI-like runs: the launcher, stopped, printed its own traceback; the worker's
+    # "Traceback" line then matched it, and the emergency snapshot's line was never shown.
+    worker = write(tmp_path / "workerlog.0", [
+        "step 30", "snapshot step 32 committed (emergency)",
+        "emergency snapshot written by rank 0", "rank 0 failed: RuntimeError: peer died",
+        "Traceback (most recent call last):", '  File "main.py", line 39, in main',
+        "RuntimeError: peer died"])
+    launch = write(tmp_path / "launch.log", [
+        "step 25", "step 30", "Exception ignored in atexit callback",
+        "Traceback (most recent call last):", '  File "controller.py", line 169',
+        "SystemExit: 15"])
+    assert unshown_lines(worker, launch)[0] == "snapshot step 32 committed (emergency)"
 
 
 def test_only_the_ends_of_long_logs_are_read(tmp_path):
