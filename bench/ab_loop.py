@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     import paddle.distributed as dist
 
     from paddlerun.trainer.data import mnist
-    from paddlerun.trainer.grad_sync import GradientSync, broadcast_parameters
+    from paddlerun.trainer.grad_sync import GradientSync, broadcast_parameters, connect_host_sum
     from paddlerun.trainer.models import LeNet
     from paddlerun.trainer.sampler import ResumableBatchSampler
     from paddlerun.trainer.state import capture_rng
@@ -93,10 +93,12 @@ def main(argv=None) -> int:
             opt.clear_grad()
         return step
 
-    def python_sync_step(extras: bool):
+    host_sum = connect_host_sum(rank, world)
+
+    def python_sync_step(extras: bool, shared_memory: bool = False):
         model = LeNet()
         broadcast_parameters(model)
-        sync = GradientSync(model.parameters(), world)
+        sync = GradientSync(model.parameters(), world, host_sum=host_sum if shared_memory else None)
         opt = paddle.optimizer.Adam(parameters=model.parameters())
 
         def step(x, y):
@@ -118,6 +120,8 @@ def main(argv=None) -> int:
         "sync+distributed": (python_sync_step(False), "distributed"),
         "sync+resumable": (python_sync_step(False), "resumable"),
         "paddlerun step": (python_sync_step(True), "resumable"),
+        "sync(shm)+resumable": (python_sync_step(False, True), "resumable"),
+        "paddlerun step (shm)": (python_sync_step(True, True), "resumable"),
     }
 
     def block(name: str, steps: int) -> float:

@@ -66,6 +66,7 @@ VARIANTS = {
     "no-snapshots": ["checkpoint.every_steps=null"],
     "sync-persist": ["checkpoint.async=false"],
     "dataparallel": ["train.grad_sync=dataparallel"],
+    "gloo-sum": ["train.grad_transport=gloo"],
     "slow-heartbeats": ["supervisor.heartbeat_interval_s=20"],
     "log-every-50": ["train.log_every_steps=50"],
     "minimal": ["train.grad_sync=dataparallel", "checkpoint.every_steps=null",

@@ -38,14 +38,20 @@ def test_same_config_twice_gives_the_same_digest(two_runs):
     assert summary(a)["digest"] == summary(b)["digest"]
 
 
-def test_python_gradient_sync_equals_dataparallel_to_the_bit(two_runs, tmp_path):
-    # The default on CPU averages gradients in Python (trainer/grad_sync.py), through numpy
-    # views of the gradients; paddle.DataParallel does it in C++. Same steps, same bits.
+@pytest.mark.parametrize("transport", ["dataparallel", "gloo"])
+def test_python_gradient_sync_equals_dataparallel_and_gloo_to_the_bit(two_runs, tmp_path, transport):
+    # The default on CPU averages gradients in Python (trainer/grad_sync.py), summed through
+    # shared memory (trainer/shm_reduce.py); paddle.DataParallel does it in C++ with gloo.
+    # Two ranks' a + b is the same in any order: same steps, same bits.
     run_dir, _ = two_runs[0]
-    result = run(tmp_path / "dp", "train.max_steps=24", "train.grad_sync=dataparallel")
+    assert "gradients summed through shared memory" in \
+        (run_dir / "logs" / "attempt-0" / "workerlog.0").read_text()
+    setting = "train.grad_sync=dataparallel" if transport == "dataparallel" else "train.grad_transport=gloo"
+    result = run(tmp_path / transport, "train.max_steps=24", setting)
     assert result.returncode == 0, result.stdout[-5000:]
-    assert_no_leftovers(tmp_path / "dp")
-    assert summary(tmp_path / "dp")["digest"] == summary(run_dir)["digest"]
+    assert_no_leftovers(tmp_path / transport)
+    assert summary(tmp_path / transport)["digest"] == summary(run_dir)["digest"]
+    assert "shared memory" not in (tmp_path / transport / "logs" / "attempt-0" / "workerlog.0").read_text()
 
 
 def test_run_dir_contract(two_runs):

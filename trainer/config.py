@@ -110,6 +110,9 @@ class TrainConfig:
     #: survivor can save), ``dataparallel`` (paddle.DataParallel, overlapped with backward),
     #: ``auto``: dataparallel on GPU, python on CPU.
     grad_sync: str = "auto"
+    #: How the ``python`` gradient sync sums over the ranks: ``auto`` through shared
+    #: memory when every rank runs on this host (x86-64 Linux, CPU), else gloo; ``gloo``.
+    grad_transport: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -316,6 +319,7 @@ def _validate(config: Any, source: str, prefix: str) -> None:
         need(config.lr > 0, "lr", "must be > 0")
         need(config.grad_sync in ("auto", "python", "dataparallel"), "grad_sync",
              "must be auto, python or dataparallel")
+        need(config.grad_transport in ("auto", "gloo"), "grad_transport", "must be auto or gloo")
     elif isinstance(config, CheckpointConfig):
         need(config.every_steps is None or config.every_steps >= 1, "every_steps",
              "must be >= 1 or null")

@@ -19,9 +19,10 @@ NOT_RETRIABLE = ("ConfigError", "FactoryError", "StateMismatch", "FileNotFoundEr
                  "ModuleNotFoundError", "ImportError")
 
 
-# What gloo raises in a survivor when a peer died or stopped answering (PADDLE_NOTES.md).
+# What gloo raises in a survivor when a peer died or stopped answering (PADDLE_NOTES.md),
+# and what the shared-memory gradient sum raises then (trainer/shm_reduce.py).
 PEER_FAILURE_TEXT = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
-                      "TIMEOUT", "Timed out", "timed out", "Connection refused")
+                      "TIMEOUT", "Timed out", "timed out", "Connection refused", "peer died")
 
 
 def is_peer_failure(exc: BaseException) -> bool:

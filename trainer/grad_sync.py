@@ -20,6 +20,7 @@ import numpy as np
 import paddle
 import paddle.distributed as dist
 
+from paddlerun.trainer import shm_reduce
 from paddlerun.trainer.host_copy import numpy_dtype
 
 BUCKET_BYTES = 32 << 20
@@ -45,8 +46,10 @@ class GradientSync:
     numpy lacks (bfloat16) take the Paddle-op path.
     """
 
-    def __init__(self, parameters, world_size: int, bucket_bytes: int = BUCKET_BYTES):
+    def __init__(self, parameters, world_size: int, bucket_bytes: int = BUCKET_BYTES,
+                 host_sum: Optional[shm_reduce.SharedMemorySum] = None):
         self.scale = 1.0 / world_size
+        self.host_sum = host_sum
         self.buckets: List[list] = []
         size = 0
         for p in parameters:
@@ -64,8 +67,8 @@ class GradientSync:
         self.on_host = all(p.place.is_cpu_place() for bucket in self.buckets for p in bucket)
         # bucket -> its dtype if it can be copied by address, else None
         self._host_dtype = [_host_dtype(bucket) if self.on_host else None for bucket in self.buckets]
-        # bucket -> (flat tensor, one numpy view of flat per parameter, and their addresses)
-        self._flat: Dict[int, Tuple[paddle.Tensor, List[np.ndarray], List[int]]] = {}
+        # bucket -> (flat tensor, its numpy view, one view of it per parameter, their addresses)
+        self._flat: Dict[int, Tuple[paddle.Tensor, np.ndarray, List[np.ndarray], List[int]]] = {}
 
     @paddle.no_grad()
     def __call__(self, extra: Optional[List[float]] = None) -> Optional[List[float]]:
@@ -97,9 +100,10 @@ class GradientSync:
             # allocates the same, so the all-reduces always match.
             slots = EXTRA_SLOTS if i == 0 else 0
             flat = paddle.zeros([sum(sizes) + slots], dtype=dtype.name)
-            pieces = np.split(np.from_dlpack(flat), np.cumsum(sizes))
-            self._flat[i] = (flat, pieces, [piece.ctypes.data for piece in pieces])
-        flat, pieces, addresses = self._flat[i]
+            whole = np.from_dlpack(flat)
+            pieces = np.split(whole, np.cumsum(sizes))
+            self._flat[i] = (flat, whole, pieces, [piece.ctypes.data for piece in pieces])
+        flat, whole, pieces, addresses = self._flat[i]
         tail = pieces[-1]  # the extra slots (empty but for the first bucket)
         carry = _carries(extra, dtype)
         if tail.size:
@@ -109,7 +113,10 @@ class GradientSync:
                 piece.fill(0)
             else:
                 ctypes.memmove(address, g.data_ptr(), piece.nbytes)
-        dist.all_reduce(flat)  # in place: the pieces see the sum
+        if self.host_sum is not None:
+            self.host_sum.all_reduce(whole)
+        else:
+            dist.all_reduce(flat)  # in place: the pieces see the sum
         summed = tail[:len(extra)].tolist() if carry else None
         flat.scale_(self.scale)
         for g, piece, address in zip(grads, pieces, addresses):
@@ -168,6 +175,40 @@ def _copyable(grads, dtype) -> bool:
         if not (g.dtype is dtype or g.dtype == dtype) or not g.is_contiguous():
             return False
     return True
+
+
+def connect_host_sum(rank: int, world_size: int) -> Optional[shm_reduce.SharedMemorySum]:
+    """A :class:`~paddlerun.trainer.shm_reduce.SharedMemorySum` for the whole world if
+    every rank can map rank 0's segment (they all run on this host), else None on every
+    rank: the gradient sync then uses gloo. A collective: every rank calls it."""
+    mine, name = None, np.zeros(256, dtype=np.uint8)
+    if rank == 0 and shm_reduce.supported():
+        try:
+            mine = shm_reduce.SharedMemorySum.create(rank, world_size)
+            encoded = f"{mine.path}|{mine.token.hex()}".encode()
+            name[:len(encoded)] = np.frombuffer(encoded, dtype=np.uint8)
+        except OSError:
+            mine = None
+    shared = paddle.to_tensor(name)
+    dist.broadcast(shared, src=0)
+    if rank != 0 and shm_reduce.supported():
+        text = bytes(shared.numpy()).rstrip(b"\0").decode()
+        if text:
+            path, token = text.split("|")
+            try:
+                mine = shm_reduce.SharedMemorySum.attach(path, rank, world_size, bytes.fromhex(token))
+            except (OSError, RuntimeError):  # another host (or another /dev/shm)
+                mine = None
+    everyone = paddle.to_tensor([0 if mine is None else 1], dtype="int32")
+    dist.all_reduce(everyone, op=dist.ReduceOp.MIN)  # also: every rank has mapped it or failed
+    if mine is not None and rank == 0:
+        mine.unlink()
+    if int(everyone.numpy()[0]) == 1:
+        mine.watch_peers()
+        return mine
+    if mine is not None:
+        mine.close()
+    return None
 
 
 def all_reduce_sums(values: List[float]) -> List[float]:

@@ -29,7 +29,7 @@ from paddlerun.trainer.progress import Progress, Throughput
 from paddlerun.trainer.rendezvous import wait_for_master
 from paddlerun.trainer.sampler import ResumableBatchSampler, shard_indices
 from paddlerun.trainer.errors import is_peer_failure
-from paddlerun.trainer.grad_sync import GradientSync, all_reduce_sums, broadcast_parameters
+from paddlerun.trainer.grad_sync import GradientSync, all_reduce_sums, broadcast_parameters, connect_host_sum
 from paddlerun.trainer.heartbeat import lowest_live_rank
 from paddlerun.trainer.signals import ignoring_sigterm
 from paddlerun.trainer.state import capture_rng, model_arrays
@@ -91,7 +91,8 @@ class Trainer:
         elif env.world_size > 1:
             if self.uses_python_grad_sync():
                 broadcast_parameters(self.layer)
-                self.grad_sync = GradientSync(self.layer.parameters(), env.world_size)
+                self.grad_sync = GradientSync(self.layer.parameters(), env.world_size,
+                                              host_sum=self._connect_host_sum())
             else:
                 self.model = paddle.DataParallel(self.layer)
         self._init_progress()
@@ -127,6 +128,17 @@ class Trainer:
         """Start-up is slow (data, rendezvous, restore): each stage counts as progress."""
         if self.heartbeat is not None:
             self.heartbeat.set_phase("init")
+
+    def _connect_host_sum(self):
+        """Shared memory for the gradient sum when every rank is on this host (CPU)."""
+        host_sum = None
+        if self.train.grad_transport == "auto" and self.device == "cpu":
+            host_sum = connect_host_sum(self.env.rank, self.env.world_size)
+        if self.is_rank0:
+            log.info("gradients summed through %s", "shared memory" if host_sum else
+                     "gloo" if self.train.grad_transport == "gloo" or self.device != "cpu" else
+                     "gloo (the ranks do not share this host's /dev/shm)")
+        return host_sum
 
     def uses_python_grad_sync(self) -> bool:
         mode = self.train.grad_sync
