@@ -15,6 +15,8 @@ reverse order), so every variant sees the same machine. Variants:
 ``sync+resumable``     ``GradientSync`` + ``ResumableBatchSampler``
 ``paddlerun step``     the last, plus what paddlerun's loop does every step: the RNG capture
                        for an emergency snapshot and the accuracy metric
+``... (shm)``          the same two, the gradients summed through shared memory
+                       (``train.grad_transport: auto``) instead of gloo; the four above use gloo
 
 Prints each variant's median ms/step and the median over blocks of plain's block time
 over the variant's (its speed relative to plain).

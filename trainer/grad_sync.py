@@ -200,9 +200,11 @@ def connect_host_sum(rank: int, world_size: int) -> Optional[shm_reduce.SharedMe
             except (OSError, RuntimeError):  # another host (or another /dev/shm)
                 mine = None
     everyone = paddle.to_tensor([0 if mine is None else 1], dtype="int32")
-    dist.all_reduce(everyone, op=dist.ReduceOp.MIN)  # also: every rank has mapped it or failed
-    if mine is not None and rank == 0:
-        mine.unlink()
+    try:
+        dist.all_reduce(everyone, op=dist.ReduceOp.MIN)  # also: every rank has mapped it or failed
+    finally:  # a peer that died here must not leave the segment's file behind
+        if mine is not None and rank == 0:
+            mine.unlink()
     if int(everyone.numpy()[0]) == 1:
         mine.watch_peers()
         return mine
