@@ -95,7 +95,9 @@ def main(argv=None) -> int:
             opt.clear_grad()
         return step
 
-    host_sum = connect_host_sum(rank, world)
+    host_sum, how = connect_host_sum(rank, world)
+    if host_sum is None and rank == 0:
+        print(f"ab_loop: the (shm) variants sum through {how}, not shared memory", flush=True)
 
     def python_sync_step(extras: bool, shared_memory: bool = False):
         model = LeNet()

@@ -41,9 +41,11 @@ class GradientSync:
     LeNet's 10 gradients (one process, idle machine): Paddle ops (reshape, concat,
     split, set_value per parameter) ~450 us a step; numpy copies through DLPack views
     ~100 us, 57 of them making the views (Paddle's ``__dlpack__`` is Python); this ~30 us.
-    The all-reduce and the scale are the same Paddle ops on every path, so the result
-    is the same to the bit. Gradients in GPU memory, of mixed dtypes or of a dtype
-    numpy lacks (bfloat16) take the Paddle-op path.
+    The scale is the same Paddle op on every path; the sum is gloo's or, when every
+    rank is on this host, :mod:`.shm_reduce`'s, in rank order: for 2 ranks the same bits
+    either way (``a + b``), for more possibly not, but the same on every rank and in every
+    run. Gradients in GPU memory, of mixed dtypes or of a dtype numpy lacks (bfloat16)
+    take the Paddle-op path.
     """
 
     def __init__(self, parameters, world_size: int, bucket_bytes: int = BUCKET_BYTES,
@@ -177,40 +179,44 @@ def _copyable(grads, dtype) -> bool:
     return True
 
 
-def connect_host_sum(rank: int, world_size: int) -> Optional[shm_reduce.SharedMemorySum]:
+def connect_host_sum(rank: int, world_size: int) -> Tuple[Optional[shm_reduce.SharedMemorySum], str]:
     """A :class:`~paddlerun.trainer.shm_reduce.SharedMemorySum` for the whole world if
-    every rank can map rank 0's segment (they all run on this host), else None on every
-    rank: the gradient sync then uses gloo. A collective: every rank calls it."""
-    mine, name = None, np.zeros(256, dtype=np.uint8)
-    if rank == 0 and shm_reduce.supported():
-        try:
-            mine = shm_reduce.SharedMemorySum.create(rank, world_size)
-            encoded = f"{mine.path}|{mine.token.hex()}".encode()
-            name[:len(encoded)] = np.frombuffer(encoded, dtype=np.uint8)
-        except OSError:
-            mine = None
-    shared = paddle.to_tensor(name)
-    dist.broadcast(shared, src=0)
-    if rank != 0 and shm_reduce.supported():
-        text = bytes(shared.numpy()).rstrip(b"\0").decode()
-        if text:
-            path, token = text.split("|")
-            try:
-                mine = shm_reduce.SharedMemorySum.attach(path, rank, world_size, bytes.fromhex(token))
-            except (OSError, RuntimeError):  # another host (or another /dev/shm)
-                mine = None
-    everyone = paddle.to_tensor([0 if mine is None else 1], dtype="int32")
+    every rank can map rank 0's segment (they all run on this host, in one pid
+    namespace), else None on every rank: the gradient sync then uses gloo. Also says why
+    not, as far as this rank knows. A collective: every rank calls it."""
+    mine, why = None, shm_reduce.unsupported_reason(world_size)
+    name = np.zeros(256, dtype=np.uint8)
     try:
-        dist.all_reduce(everyone, op=dist.ReduceOp.MIN)  # also: every rank has mapped it or failed
-    finally:  # a peer that died here must not leave the segment's file behind
-        if mine is not None and rank == 0:
-            mine.unlink()
+        if rank == 0 and why is None:
+            try:
+                mine = shm_reduce.SharedMemorySum.create(world_size)
+                encoded = f"{mine.path}|{mine.token.hex()}".encode()
+                name[:len(encoded)] = np.frombuffer(encoded, dtype=np.uint8)
+            except OSError as e:
+                why = f"rank 0 could not make the segment: {e}"
+        shared = paddle.to_tensor(name)
+        dist.broadcast(shared, src=0)
+        text = bytes(shared.numpy()).rstrip(b"\0").decode()
+        if rank != 0 and why is None:
+            if not text:
+                why = "rank 0 could not make the segment"
+            else:
+                path, token = text.split("|")
+                try:
+                    mine = shm_reduce.SharedMemorySum.attach(path, rank, world_size, bytes.fromhex(token))
+                except (OSError, RuntimeError) as e:  # another host, container or pid namespace
+                    why = f"rank {rank} could not map it: {e}"
+        everyone = paddle.to_tensor([0 if mine is None else 1], dtype="int32")
+        dist.all_reduce(everyone, op=dist.ReduceOp.MIN)  # also: every rank has mapped it or given up
+    finally:  # nothing may still open it now
+        if mine is not None:
+            mine.release_path()
     if int(everyone.numpy()[0]) == 1:
         mine.watch_peers()
-        return mine
+        return mine, "shared memory"
     if mine is not None:
         mine.close()
-    return None
+    return None, f"gloo ({why or 'another rank could not map the shared-memory segment'})"
 
 
 def all_reduce_sums(values: List[float]) -> List[float]:

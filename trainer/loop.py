@@ -131,13 +131,11 @@ class Trainer:
 
     def _connect_host_sum(self):
         """Shared memory for the gradient sum when every rank is on this host (CPU)."""
-        host_sum = None
+        host_sum, how = None, "gloo"
         if self.train.grad_transport == "auto" and self.device == "cpu":
-            host_sum = connect_host_sum(self.env.rank, self.env.world_size)
+            host_sum, how = connect_host_sum(self.env.rank, self.env.world_size)
         if self.is_rank0:
-            log.info("gradients summed through %s", "shared memory" if host_sum else
-                     "gloo" if self.train.grad_transport == "gloo" or self.device != "cpu" else
-                     "gloo (the ranks do not share this host's /dev/shm)")
+            log.info("gradients summed through %s", how)
         return host_sum
 
     def uses_python_grad_sync(self) -> bool:
