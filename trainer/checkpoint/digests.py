@@ -19,6 +19,11 @@ from typing import List, Sequence, Tuple
 PIECE = 64 << 20
 #: Threads that hash the pieces of one file.
 THREADS = min(4, os.cpu_count() or 1)
+#: How much nicer than the writing thread its hashing threads run. With fewer idle cores
+#: than threads (3 on 2 cores), the write goes first, so the disk is kept busy, and the
+#: hashing takes what the write leaves. 3 GB written and fsynced, 5 alternating rounds:
+#: 2.71-4.63 s at the same nice, 2.12-2.56 s with this.
+HASH_NICE = 5
 #: Read and write in pieces of this size: large enough for full disk speed, small
 #: enough that hashing never holds a big second copy of a file in memory.
 CHUNK = 8 << 20
@@ -61,8 +66,8 @@ class ViewHasher:
 
     A single piece is hashed by :meth:`digests` itself unless it is large (then one
     thread overlaps it with the write); small files start no thread at all. The threads
-    inherit the calling thread's nice value (Linux keeps it per thread): the persist
-    thread's, 10 nicer than training.
+    run :data:`HASH_NICE` nicer than the calling thread (Linux keeps nice per thread): the
+    persist thread, itself 10 nicer than training.
     """
 
     def __init__(self, views: Sequence[memoryview], piece: int = PIECE,
@@ -72,7 +77,8 @@ class ViewHasher:
         self._pool = self._futures = None
         if total >= min_parallel:
             self._pool = ThreadPoolExecutor(min(threads, len(self._pieces)),
-                                            thread_name_prefix="paddlerun-hash")
+                                            thread_name_prefix="paddlerun-hash",
+                                            initializer=_nicer_than_the_writer)
             self._futures = [self._pool.submit(_sha256_of, parts) for parts in self._pieces]
 
     def digests(self) -> Digests:
@@ -88,6 +94,13 @@ class ViewHasher:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+
+
+def _nicer_than_the_writer() -> None:
+    try:
+        os.nice(HASH_NICE)  # this thread only (Linux)
+    except OSError:
+        pass
 
 
 def hash_bytes(data, piece: int = PIECE) -> Digests:
