@@ -106,7 +106,8 @@ def test_a_dead_peer_is_raised_at_once_as_a_peer_failure(tmp_path):
         peer.wait(timeout=10)
         started = time.monotonic()
         with pytest.raises(RuntimeError, match=r"peer died: rank 1 \(pid \d+\)") as caught:
-            job.host_sum.all_reduce(arrays(0)[1])
+            for array in arrays(0)[1:]:  # it may have put in one more round before it died
+                job.host_sum.all_reduce(array)
         assert time.monotonic() - started < 1.0
         assert is_peer_failure(caught.value)
 
@@ -123,7 +124,8 @@ def test_signals_faster_than_the_poll_do_not_hide_a_dead_peer(tmp_path):
         try:
             started = time.monotonic()
             with pytest.raises(RuntimeError, match="peer died"):
-                job.host_sum.all_reduce(arrays(0)[1])
+                for array in arrays(0)[1:]:  # it may have put in one more round before it died
+                    job.host_sum.all_reduce(array)
             assert time.monotonic() - started < 1.0
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
@@ -164,8 +166,10 @@ def test_another_jobs_segment_is_refused():
             SharedMemorySum.attach(host_sum.path, 1, 3, host_sum.token)  # another world size
     finally:
         host_sum.close()
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises((FileNotFoundError, RuntimeError)):  # closed, or its number reused
         SharedMemorySum.attach(host_sum.path, 1, 2, host_sum.token)
+    with pytest.raises(RuntimeError, match="is not this job's segment"):  # another file, unopened
+        SharedMemorySum.attach(f"/proc/{os.getpid()}/fd/0", 1, 2, host_sum.token)
 
 
 def test_a_strided_array_is_refused():

@@ -51,6 +51,7 @@ _HEADER = 64  # token (16 bytes), world size (int32)
 _SYS_FUTEX = 202  # x86-64
 _FUTEX_WAIT, _FUTEX_WAKE = 0, 1
 _ROUND_MASK = 0x7FFFFFFF
+_MEMFD_NAME = "paddlerun-gradient-sum"
 _libc = ctypes.CDLL(None, use_errno=True)  # releases the GIL while a rank waits
 
 
@@ -115,7 +116,7 @@ class SharedMemorySum:
         """Rank 0. Keeps the memfd open (others open it by :attr:`path`) until
         :meth:`release_path`."""
         token = secrets.token_bytes(16)
-        fd = os.memfd_create("paddlerun-gradient-sum", os.MFD_CLOEXEC)
+        fd = os.memfd_create(_MEMFD_NAME, os.MFD_CLOEXEC)
         try:
             os.posix_fallocate(fd, 0, segment_size(world))
             os.pwrite(fd, token + world.to_bytes(4, "little"), 0)
@@ -128,7 +129,11 @@ class SharedMemorySum:
 
     @classmethod
     def attach(cls, path: str, rank: int, world: int, token: bytes) -> "SharedMemorySum":
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        # Seen from another pid namespace, the path may name any file of another process:
+        # open nothing but a memfd of ours (and never as a controlling terminal).
+        if not os.readlink(path).startswith(f"/memfd:{_MEMFD_NAME}"):
+            raise RuntimeError(f"{path} is not this job's segment")
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
         try:
             return cls(fd, path, rank, world, token)
         finally:
