@@ -86,6 +86,7 @@ class SharedMemorySum:
         size = segment_size(world)
         self.rank, self.world = rank, world
         self.path, self.token = path, token
+        self._fd: Optional[int] = None  # rank 0's memfd, until release_path()
         if os.fstat(fd).st_size != size:
             raise RuntimeError(f"{path} is not this job's segment (size)")
         self._map = mmap.mmap(fd, size)
@@ -142,7 +143,7 @@ class SharedMemorySum:
     def release_path(self) -> None:
         """Rank 0, once every rank has mapped the segment (or given up): close the memfd.
         The mappings keep the memory; it is freed with the last of them."""
-        fd, self._fd = getattr(self, "_fd", None), None
+        fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
 
