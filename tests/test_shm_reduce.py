@@ -3,7 +3,6 @@
 Rank 0 runs in the test process, the others in ``shm_peer.py`` subprocesses. The sum with
 gloo in real training (bit for bit against DataParallel) is in test_run_e2e.
 """
-import contextlib
 import glob
 import os
 import select
@@ -14,9 +13,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 
+from paddlerun.launcher.process_tree import ProcessTree
 from paddlerun.trainer import shm_reduce
 from paddlerun.trainer.errors import is_peer_failure
 from paddlerun.trainer.shm_reduce import SharedMemorySum
@@ -24,8 +23,7 @@ from paddlerun.trainer.shm_reduce import SharedMemorySum
 pytestmark = pytest.mark.skipif(shm_reduce.unsupported_reason(3) is not None,
                                 reason=str(shm_reduce.unsupported_reason(3)))
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shm_peer import arrays  # noqa: E402
+from shm_peer import arrays  # tests/ is on sys.path (conftest.py)
 
 PEER = Path(__file__).resolve().parent / "shm_peer.py"
 
@@ -184,26 +182,19 @@ def test_a_strided_array_is_refused():
 @pytest.mark.parametrize("mode, shared", [("share", True), ("refuse", False)])
 def test_ranks_agree_on_shared_memory_or_all_keep_gloo(tmp_path, mode, shared):
     job = Path(__file__).resolve().parent / "shm_connect_job.py"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2",
-         "--log_dir", str(tmp_path), str(job), mode],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    tree = [proc.pid]
+    # The launcher starts its workers with setsid: a ProcessTree finds and stops them all.
+    tree = ProcessTree([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2",
+                        "--log_dir", str(tmp_path), str(job), mode], env=dict(os.environ),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tree.start()
     try:
-        deadline = time.monotonic() + 120
-        while proc.poll() is None and time.monotonic() < deadline:
-            with contextlib.suppress(psutil.Error):  # the workers live in sessions of their own
-                tree += [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
-            time.sleep(0.2)
+        code = tree.wait(120)
     finally:
-        for pid in reversed(tree):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+        tree.close()
     lines = [line for rank in (0, 1)
              for line in (tmp_path / f"workerlog.{rank}").read_text().splitlines()
              if line.startswith(("RESULT", "HOW"))]
-    assert proc.returncode == 0, lines
+    assert code == 0, lines
     assert sorted(line for line in lines if line.startswith("RESULT")) == \
         [f"RESULT 0 {shared} True", f"RESULT 1 {shared} True"]
     if not shared:
