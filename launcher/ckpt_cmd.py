@@ -39,7 +39,7 @@ from paddlerun.trainer.checkpoint import layout
 
 EXPECTED = ("expected a snapshot directory (step-XXXXXXXX, holding manifest.json), a checkpoints "
             "directory (holding step-* directories) or a run directory (holding checkpoints/)")
-#: Files a run directory holds (DESIGN.md "The run directory").
+#: Files a run directory holds (docs/architecture.md#the-run-directory).
 _RUN_DIR_FILES = ("events.jsonl", "config.yaml", "supervisor.json", "metrics.jsonl", "summary.json")
 #: What a checkpoints directory holds besides snapshots, even before the first one.
 _STORE_FILES = (layout.LOCK_NAME, layout.WRITER_LOCK_NAME, layout.READERS_DIR)

@@ -1,4 +1,4 @@
-"""``paddlerun``: the command line (DESIGN.md "The command line" is the contract).
+"""``paddlerun``: the command line (docs/architecture.md#the-command-line is the contract).
 
 Exit codes: 0 success, 2 bad usage or bad config (never retried), 1 anything else,
 130 interrupted (Ctrl-C), :data:`REQUEUE_EXIT_CODE` preempted (run the same command

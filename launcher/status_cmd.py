@@ -1,6 +1,6 @@
 """``paddlerun status RUN_DIR [--json]``: what a run is doing, from its files alone.
 
-Everything comes from the run directory (DESIGN.md "The run directory"), read-only:
+Everything comes from the run directory (docs/architecture.md#the-run-directory), read-only:
 
 - the state: the last supervisor event in ``events.jsonl`` (:data:`STATE_AFTER`), and
   whether the supervisor named in ``supervisor.json`` is still alive. A run whose last

@@ -84,7 +84,7 @@ TREE_SCAN_S = 30.0
 #: SIGTERM -> SIGKILL grace when tearing a failed attempt down.
 TEARDOWN_TERM_S = 5.0
 #: After a worker died: how long paddle's launcher gets to stop the others itself (it
-#: SIGTERMs them ~1 s after the death and SIGKILLs 3 s later; PADDLE_NOTES.md).
+#: SIGTERMs them ~1 s after the death and SIGKILLs 3 s later; docs/paddle-behaviour.md#the-launcher).
 LAUNCH_EXIT_GRACE_S = 6.0
 
 

@@ -27,7 +27,8 @@ STEPS_PER_EPOCH = 63
 
 
 def clean_env(**extra):
-    """No inherited PADDLE_* / PADDLERUN_* variable may change the run (PADDLE_NOTES.md)."""
+    """No inherited PADDLE_* / PADDLERUN_* variable may change the run
+    (docs/paddle-behaviour.md#the-launcher)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PADDLE_", "PADDLERUN_"))}
     return {**env, "PYTHONUNBUFFERED": "1", **extra}
 

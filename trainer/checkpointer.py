@@ -1,6 +1,6 @@
 """Snapshots inside the worker: when to take one, capture, persist in the background, restore.
 
-Two phases (DESIGN.md "Checkpoints"): *capture* copies the state to host memory on
+Two phases (docs/checkpoints.md#commit): *capture* copies the state to host memory on
 the training thread (fast: into buffers reused from one snapshot to the next,
 :mod:`host_copy`); *persist* writes, fsyncs, hashes and commits it on a
 background thread. At most one persist is in flight: the next capture waits for
