@@ -224,7 +224,8 @@ class Session:
 
     def finish(self) -> None:
         """Take the final snapshot (unless the stop's is already written), wait until it is
-        persisted, release the checkpoint directory and send the last heartbeat, "done".
+        persisted, release the checkpoint directory and send the last heartbeat ("done", or
+        "stopped" after a stop request: the supervisor then knows the run is not finished).
         Every rank, once, after the loop. A preempted run should then just exit (code 0)."""
         if self._finished:
             return
@@ -234,7 +235,7 @@ class Session:
             self.checkpointer.close()
         finally:
             self.link.close_metrics()
-        self.link.stop_heartbeat("done")
+        self.link.stop_heartbeat("stopped" if self.preempted else "done")
 
     def _save(self, reason: str, wait: bool = False) -> None:
         self.link.set_phase("checkpoint")
