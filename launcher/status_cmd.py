@@ -101,6 +101,7 @@ def collect(run_dir: Path, now: float) -> Dict[str, Any]:
         "restarts": sum(1 for e in events if e.get("event") == "restarting"),
         "last_failure": last_failure(events),
         "preempt_notice": pending_notice(events),
+        "resumed": last_resume(events),
         "ranks": [rank_status(hb, now) for _, hb in sorted(read_heartbeats(run_dir / "heartbeats").items())],
         "snapshot": newest_snapshot(run_dir),
         "snapshot_cost": snapshot_cost(events),
@@ -155,6 +156,15 @@ def last_failure(events: List[dict]) -> Optional[Dict[str, Any]]:
         if event.get("event") == "worker_failed":
             return {"attempt": event.get("attempt"), "time": event.get("time"),
                     "kind": event.get("kind"), "rank": event.get("rank"), "cause": event.get("cause")}
+    return None
+
+
+def last_resume(events: List[dict]) -> Optional[Dict[str, Any]]:
+    """Where the newest attempt that restored a snapshot started: which one, at what world size."""
+    for event in reversed(events):
+        if event.get("event") == "resumed":
+            return {key: event.get(key) for key in
+                    ("attempt", "snapshot", "step", "from_world_size", "to_world_size")}
     return None
 
 
@@ -292,6 +302,12 @@ def human(s: Dict[str, Any]) -> str:
                       f"{render.age(notice['time'], now)}: the machine goes at "
                       f"{render.local_time(notice['deadline'])}; snapshot and stop at "
                       f"{render.local_time(notice['stop_at'])}")
+    resumed = s["resumed"]
+    if resumed:
+        sizes = resumed["to_world_size"] if resumed["from_world_size"] == resumed["to_world_size"] \
+            else f"{resumed['from_world_size']} -> {resumed['to_world_size']} workers"
+        row("resumed", f"attempt {resumed['attempt']} from {resumed['snapshot']} (step "
+                       f"{resumed['step']}), {sizes}" + ("" if isinstance(sizes, str) else " workers"))
     row("snapshot", _snapshot_line(s["snapshot"], now))
     cost = s["snapshot_cost"]
     if cost:

@@ -47,7 +47,7 @@ from typing import Iterator, Optional
 import paddle
 
 from paddlerun.trainer import state as tstate
-from paddlerun.trainer.checkpointer import Checkpointer
+from paddlerun.trainer.checkpointer import Checkpointer, check_global_batch
 from paddlerun.trainer.config import TrainConfig
 from paddlerun.trainer.loop import Position
 from paddlerun.trainer.sampler import ResumableBatchSampler
@@ -147,6 +147,9 @@ class Session:
         The order depends only on ``(seed, epoch)``; ``global_batch_size`` is over all ranks
         and must divide by the world size. :meth:`epochs` moves it to each epoch.
         """
+        if self.checkpointer.restored_global_batch_size is not None:
+            check_global_batch(self.checkpointer.restored_global_batch_size, global_batch_size,
+                               self.directory)
         self._sampler = ResumableBatchSampler(dataset_size, global_batch_size,
                                               self.env.world_size, self.env.rank, seed=seed,
                                               shuffle=shuffle, drop_last=drop_last)
