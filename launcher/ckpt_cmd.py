@@ -152,8 +152,8 @@ def cmd_list(args: argparse.Namespace) -> int:
               f"{'' if target.directory.is_dir() else ' (it does not exist yet)'}")
         return SUCCESS
     print(render.table(
-        ["SNAPSHOT", "STEP", "EPOCH", "CREATED", "SIZE", "FILES", "REASON", "STATE", "PROBLEM"],
-        [[r["name"], r["step"], r["epoch"], render.local_time(r["created_unix"]),
+        ["SNAPSHOT", "STEP", "EPOCH", "WORKERS", "CREATED", "SIZE", "FILES", "REASON", "STATE", "PROBLEM"],
+        [[r["name"], r["step"], r["epoch"], r["world_size"], render.local_time(r["created_unix"]),
           render.size(r["size_bytes"]), r["files"], r["reason"], r["state"], r["problem"]]
          for r in rows]))
     checked = "every sha256 checked" if args.verify else \

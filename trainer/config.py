@@ -95,6 +95,16 @@ class SupervisorConfig:
     preempt_grace_s: float = 60.0
     #: Signals to ``paddlerun`` that mean "snapshot, stop, exit 75" (SIGINT always does, exit 130).
     preempt_signals: typing.List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    #: Act on the cloud's preemption notice: ``auto`` (the cloud found from the machine's
+    #: firmware strings, nothing asked off a cloud), ``aws``, ``gcp``, ``azure`` or ``none``.
+    spot_notice: str = "auto"
+    #: Base URL of the instance metadata service instead of the provider's (proxies, tests).
+    spot_endpoint: Optional[str] = None
+    #: How often to ask for a notice (AWS recommends every 5 s; GCP waits in a long poll).
+    spot_poll_s: float = 5.0
+    #: Ask for the snapshot this long before the notice's deadline, on top of twice the
+    #: last snapshot's measured time and one agreement period.
+    spot_margin_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -353,6 +363,12 @@ def _validate(config: Any, source: str, prefix: str) -> None:
             need(getattr(config, key) >= 0, key, "must be >= 0")
         for key in ("heartbeat_interval_s", "hang_timeout_s", "start_timeout_s", "preempt_grace_s"):
             need(getattr(config, key) > 0, key, "must be > 0")
+        need(config.spot_notice in ("auto", "none", "aws", "gcp", "azure"), "spot_notice",
+             "must be auto, none, aws, gcp or azure")
+        need(config.spot_poll_s > 0, "spot_poll_s", "must be > 0")
+        need(config.spot_margin_s >= 0, "spot_margin_s", "must be >= 0")
+        need(config.spot_endpoint is None or config.spot_endpoint.startswith(("http://", "https://")),
+             "spot_endpoint", "must be an http:// or https:// URL")
         need(config.max_failures_in_window >= 1, "max_failures_in_window", "must be >= 1")
         need(config.hang_timeout_s >= 2 * config.heartbeat_interval_s, "hang_timeout_s",
              "must be at least twice heartbeat_interval_s")

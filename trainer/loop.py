@@ -232,11 +232,12 @@ class Trainer:
             self.heartbeat.beat(self.position.step)
 
     def _flags(self):
-        """Rank 0's decisions for every rank: stop requested, time-based save due."""
+        """Decisions for every rank, summed over the ranks: a stop requested (on any rank:
+        each node's supervisor asks its own workers) and rank 0's time-based save due."""
+        stop = float(self.stop_requested())
         if not self.is_rank0:
-            return [0.0, 0.0]
-        return [float(self.stop_requested()),
-                float(self.checkpointer is not None and self.checkpointer.due_by_time(time.time()))]
+            return [stop, 0.0]
+        return [stop, float(self.checkpointer is not None and self.checkpointer.due_by_time(time.time()))]
 
     def _log(self, sums):
         """The agreement point, every ``log_every_steps``: ``sums`` (the window's metric
