@@ -23,7 +23,8 @@ NOT_RETRIABLE = ("ConfigError", "FactoryError", "StateMismatch", "FileNotFoundEr
 # (docs/paddle-behaviour.md#peer-failures), and what the shared-memory gradient sum
 # raises then (trainer/shm_reduce.py).
 PEER_FAILURE_TEXT = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
-                      "TIMEOUT", "Timed out", "timed out", "Connection refused", "peer died")
+                      "TIMEOUT", "Timed out", "timed out", "Connection refused", "peer died",
+                      "peer gave up")
 
 
 def is_peer_failure(exc: BaseException) -> bool:
