@@ -67,6 +67,7 @@ def test_run_dir_contract(two_runs):
     s = summary(run_dir)
     assert 0.0 <= s["eval"]["eval_acc"] <= 1.0 and s["eval"]["eval_samples"] == 1000
     assert len(s["digest"]) == 64
+    assert s["device"] == "cpu"  # trainer/device.py: a CPU run stays on the CPU
 
 
 def test_bad_config_exits_2_before_any_worker_starts(tmp_path):

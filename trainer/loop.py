@@ -28,6 +28,7 @@ from paddlerun.trainer.metrics import MetricsLog, write_json_atomic
 from paddlerun.trainer.progress import Progress, Throughput
 from paddlerun.trainer.rendezvous import wait_for_master
 from paddlerun.trainer.sampler import ResumableBatchSampler, shard_indices
+from paddlerun.trainer.device import select_device
 from paddlerun.trainer.errors import is_peer_failure
 from paddlerun.trainer.grad_sync import GradientSync, all_reduce_sums, broadcast_parameters, connect_host_sum
 from paddlerun.trainer.heartbeat import lowest_live_rank
@@ -44,16 +45,6 @@ class Position:
     step: int = 0
     epoch: int = 0
     batch: int = 0
-
-
-def select_device(want: str, local_rank: int) -> str:
-    has_gpu = paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
-    if want == "gpu" and not has_gpu:
-        raise RuntimeError("launch.device is 'gpu' but this Paddle has no usable GPU "
-                           "(install paddlerun[gpu] and check CUDA_VISIBLE_DEVICES), or set launch.device: cpu")
-    device = f"gpu:{local_rank}" if has_gpu and want != "cpu" else "cpu"
-    paddle.set_device(device)
-    return device
 
 
 def seed_everything(seed: int) -> None:
