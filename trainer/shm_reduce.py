@@ -42,6 +42,7 @@ import os
 import platform
 import secrets
 import select
+import struct
 import time
 from typing import Optional
 
@@ -57,6 +58,7 @@ TIMEOUT_S = 30.0
 # parity of rounds its slot's header: round, bytes, dtype (``ord(dtype.char)``).
 _LINE = 64
 _SLOT_HEADER = 2  # index of parity 0's header in the line; parity 1's follows it
+_SLOT_FIELDS = struct.Struct("=3i")  # struct: ~0.3 us to write or read one, numpy ~2-6 us
 _HEADER = 64  # token (16 bytes), world size (int32)
 _SYS_FUTEX = 202  # x86-64
 _FUTEX_WAIT, _FUTEX_WAKE = 0, 1
@@ -113,10 +115,10 @@ class SharedMemorySum:
         lines = lines.reshape(world, _LINE // 4)
         self._rounds = lines[:, 0]  # rank -> the last round it reached (a futex word)
         self._pids = lines[:, 1]
-        # parity -> rank -> (round, bytes, dtype) of its slot of that parity (a rank one
-        # round ahead has written the other parity's)
-        self._headers = tuple(lines[:, _SLOT_HEADER + 3 * parity:_SLOT_HEADER + 3 * parity + 3]
-                              for parity in (0, 1))
+        # parity -> rank -> the offset of (round, bytes, dtype) of its slot of that parity
+        # (a rank one round ahead has written the other parity's)
+        self._headers = [[_HEADER + r * _LINE + 4 * (_SLOT_HEADER + 3 * parity)
+                          for r in range(world)] for parity in (0, 1)]
         base = _HEADER + world * _LINE
         self._slots = [[np.frombuffer(self._map, dtype=np.uint8, count=CHUNK,
                                       offset=base + (parity * world + r) * CHUNK)
@@ -211,30 +213,31 @@ class SharedMemorySum:
         slots = self._slots[parity]
         slots[self.rank][:chunk.size] = chunk
         headers = self._headers[parity]
-        headers[self.rank] = (round_, chunk.size, ord(dtype.char))
+        mine = (round_, chunk.size, ord(dtype.char))
+        _SLOT_FIELDS.pack_into(self._map, headers[self.rank], *mine)
         self._rounds[self.rank] = round_  # last: the others may read the slot from now on
         self._round = round_
         _futex(self._round_address[self.rank], _FUTEX_WAKE, 0x7FFFFFFF, None)
         for r in range(self.world):
             if r != self.rank:
                 self._wait_for(r)
-                self._check_header(r, headers[r], chunk.size, dtype)
+                theirs = _SLOT_FIELDS.unpack_from(self._map, headers[r])
+                if theirs != mine:
+                    self._mismatch(r, theirs, mine)
         out = chunk.view(dtype)
         np.add(slots[0][:chunk.size].view(dtype), slots[1][:chunk.size].view(dtype), out=out)
         for r in range(2, self.world):
             np.add(out, slots[r][:chunk.size].view(dtype), out=out)
 
-    def _check_header(self, r: int, header: np.ndarray, nbytes: int, dtype: np.dtype) -> None:
-        """Rank ``r``'s slot must hold this round's data, of this size and dtype."""
-        written, their_bytes, their_dtype = (int(v) for v in header)
+    def _mismatch(self, r: int, theirs, mine) -> None:
+        """Raise what differs between rank ``r``'s slot header and this rank's."""
+        (written, their_bytes, their_dtype), (_, nbytes, dtype) = theirs, mine
         if written != self._round:
             raise RuntimeError(f"rank {r}'s slot holds round {written}, not round {self._round}: "
                                f"rank {r} skipped a round of the shared-memory gradient sum")
-        if their_bytes != nbytes or their_dtype != ord(dtype.char):
-            raise RuntimeError(f"rank {r} summed {their_bytes} bytes of "
-                               f"{_dtype_name(their_dtype)} in round {self._round}, rank "
-                               f"{self.rank} {nbytes} bytes of {dtype.name}: the ranks called "
-                               f"all_reduce with different arrays")
+        raise RuntimeError(f"rank {r} summed {their_bytes} bytes of {_dtype_name(their_dtype)} "
+                           f"in round {self._round}, rank {self.rank} {nbytes} bytes of "
+                           f"{_dtype_name(dtype)}: the ranks called all_reduce with different arrays")
 
     def _give_up(self, why: str) -> None:
         """Mark this object broken and tell the peers, which may wait for this rank."""
