@@ -8,8 +8,8 @@ What the Job controller and the kubelet would do, and what stands in for the res
 - each volume mount is a local directory: the PVC one shared by every pod, an emptyDir
   one per pod, the ConfigMap's files written into theirs; paths under a mount path, in
   the command, the environment and the ConfigMap's files, point into those directories;
-- the cluster DNS: ``dns`` maps a host name (pod 0's name through the Service) to the
-  address it resolves to -- here 127.0.0.1 -- wherever it appears in an environment value;
+- the cluster DNS: ``dns`` maps a host name (pod 0's name through the Service) to a name
+  this machine resolves (``localhost``) wherever it appears in an environment value;
 - the image's ``paddlerun`` is this checkout's, under this Python.
 """
 from __future__ import annotations

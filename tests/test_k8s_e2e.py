@@ -2,9 +2,12 @@
 
 tests/k8s_pod.py starts a pod's command as Kubernetes would (env, index, volumes, $(VAR)
 expansion); the cluster DNS is the one stand-in: pod 0's name through the Service is
-rewritten to 127.0.0.1 in the pods' environment. ``JobController`` plays the Job
-controller: a pod that exits 75 is replaced by a new pod of the same index (the
-manifest's podFailurePolicy ignores that exit code); any other failure fails the test.
+rewritten to ``localhost`` in the pods' environment -- still a name, which resolves to
+127.0.0.1 here as the Service's name resolves to pod 0's IP in a cluster (Paddle's
+launcher treats a name differently from 127.0.0.1: cluster/k8s_env.py).
+``JobController`` plays the Job controller: a pod that exits 75 is replaced by a new pod
+of the same index (the manifest's podFailurePolicy ignores that exit code); any other
+failure fails the test.
 """
 import os
 import signal
@@ -52,12 +55,12 @@ def render(tmp_path: Path, *sets: str) -> str:
 
 
 def local_pods(manifest: str, tmp_path: Path) -> LocalPods:
-    """The pods, with pod 0's DNS name (as the manifest gives it) resolving to 127.0.0.1."""
+    """The pods, with pod 0's DNS name (as the manifest gives it) standing for this machine."""
     env = {e["name"]: e["value"] for e in
            objects(manifest)["Job"]["spec"]["template"]["spec"]["containers"][0]["env"]}
     host = env[k8s_env.MASTER].rpartition(":")[0]
     assert host == "test-0.test"  # <job>-<index 0>.<headless Service>
-    return LocalPods(manifest, tmp_path, dns={host: "127.0.0.1"})
+    return LocalPods(manifest, tmp_path, dns={host: "localhost"})
 
 
 class JobController:
@@ -113,7 +116,8 @@ def test_two_pods_find_their_place_and_train_like_one_node_of_two_workers(tmp_pa
     port = job.pods.command(0)[1][k8s_env.MASTER].rpartition(":")[2]
     for index in range(NODES):  # each supervisor's resolved config: its place, from the environment
         launch = yaml.safe_load((shared / f"pod-{index}" / "config.yaml").read_text())["launch"]
-        assert (launch["nnodes"], launch["node_rank"], launch["master"]) == (NODES, index, f"127.0.0.1:{port}")
+        host = "127.0.0.1" if index == 0 else "localhost"  # pod 0 serves the rendezvous itself
+        assert (launch["nnodes"], launch["node_rank"], launch["master"]) == (NODES, index, f"{host}:{port}")
     assert summary(shared / "pod-0")["digest"] == reference
     assert worker_digests(shared / "pod-1") == {0: reference}
     assert (shared / "checkpoints" / f"step-{STEPS:08d}" / "manifest.json").is_file()
