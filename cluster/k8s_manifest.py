@@ -144,8 +144,8 @@ def pod_config(config: Config, job: K8sJob) -> Config:
 
 def config_map(config: Config, job: K8sJob) -> dict:
     text = yaml.safe_dump(pod_config(config, job).to_dict(), sort_keys=False)
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _metadata(job, f"{job.name}-config"),
-            "data": {"config.yaml": text}}
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": _metadata(job, f"{job.name}-config"), "data": {"config.yaml": text}}
 
 
 def service(job: K8sJob) -> dict:

@@ -102,7 +102,7 @@ def policy_action(rules, exit_code, conditions=()):
 def test_preemptions_and_evictions_do_not_count_other_failures_do_a_bad_config_ends_the_job(tmp_path):
     rules = render(tmp_path, "--nodes", "2", "--pvc", "c")["Job"]["spec"]["podFailurePolicy"]["rules"]
     assert policy_action(rules, REQUEUE) == "Ignore"             # snapshot taken, exit 75
-    assert policy_action(rules, 137, ["DisruptionTarget"]) == "Ignore"  # evicted, killed at the end of the grace
+    assert policy_action(rules, 137, ["DisruptionTarget"]) == "Ignore"  # evicted, SIGKILLed after the grace
     assert policy_action(rules, 1, ["DisruptionTarget"]) == "Ignore"
     assert policy_action(rules, 1) == "Count"                    # gave up after its own restarts
     assert policy_action(rules, 137) == "Count"                  # OOM-killed
@@ -111,10 +111,12 @@ def test_preemptions_and_evictions_do_not_count_other_failures_do_a_bad_config_e
 
 def test_the_grace_period_covers_the_snapshot_grace_and_the_teardown(tmp_path):
     for grace_s in (60, 200.5, 1):
-        spec = pod_spec(render(tmp_path, "--nodes", "1", "--set", f"supervisor.preempt_grace_s={grace_s}"))
+        spec = pod_spec(render(tmp_path, "--nodes", "1",
+                               "--set", f"supervisor.preempt_grace_s={grace_s}"))
         # After its grace the supervisor tears down: SIGTERM, TEARDOWN_TERM_S, SIGKILL, a wait.
         kill_wait = inspect.signature(ProcessTree.close).parameters["kill_timeout_s"].default
-        assert spec["terminationGracePeriodSeconds"] >= math.ceil(grace_s) + TEARDOWN_TERM_S + kill_wait + 10
+        teardown = TEARDOWN_TERM_S + kill_wait
+        assert spec["terminationGracePeriodSeconds"] >= math.ceil(grace_s) + teardown + 10
 
 
 def test_checkpoints_on_the_claim_every_pod_mounts_and_a_run_dir_per_pod(tmp_path):
@@ -149,7 +151,8 @@ def test_the_configmap_holds_the_users_config_with_overrides(tmp_path):
 
 def test_gpus_are_requested_only_when_asked(tmp_path):
     assert "resources" not in pod_spec(render(tmp_path, "--nodes", "1"))["containers"][0]
-    container = pod_spec(render(tmp_path, "--nodes", "2", "--pvc", "c", "--gpus-per-node", "4"))["containers"][0]
+    manifest = render(tmp_path, "--nodes", "2", "--pvc", "c", "--gpus-per-node", "4")
+    container = pod_spec(manifest)["containers"][0]
     assert container["resources"] == {"limits": {GPU_RESOURCE: 4}}
 
 
@@ -182,7 +185,8 @@ def test_a_pods_place_comes_from_its_environment():
     assert k8s_env.launch_overrides({**env, "JOB_COMPLETION_INDEX": "2"}) == [
         "launch.nnodes=3", "launch.node_rank=2", "launch.master=j-0.j:29500"]
     # Pod 0 serves the rendezvous: Paddle's launcher does so only for 127.0.0.1 or its own IP.
-    assert k8s_env.launch_overrides({**env, "JOB_COMPLETION_INDEX": "0"})[-1] == "launch.master=127.0.0.1:29500"
+    pod0 = k8s_env.launch_overrides({**env, "JOB_COMPLETION_INDEX": "0"})
+    assert pod0[-1] == "launch.master=127.0.0.1:29500"
     assert k8s_env.launch_overrides({k8s_env.NNODES: "1", "JOB_COMPLETION_INDEX": "0"}) == [
         "launch.nnodes=1", "launch.node_rank=0"]
 
@@ -215,7 +219,8 @@ def test_paddlerun_run_in_a_pod_is_placed_by_the_environment_and_an_explicit_set
     assert launch.master == "10.0.0.5:1234"
 
 
-def test_paddlerun_run_with_a_broken_pod_environment_exits_2_before_starting_anything(monkeypatch, capsys, tmp_path):
+def test_paddlerun_run_with_a_broken_pod_environment_exits_2_before_starting_anything(
+        monkeypatch, capsys, tmp_path):
     monkeypatch.setenv(k8s_env.NNODES, "2")
     monkeypatch.delenv("JOB_COMPLETION_INDEX", raising=False)
     assert cli.main(["run", CONFIG, "--run-dir", str(tmp_path / "run")]) == BAD_CONFIG
