@@ -8,7 +8,8 @@ from typing import List
 from paddlerun.launcher.usage import UsageError
 
 USAGE = ("paddlerun k8s render CONFIG --nodes N --image IMAGE [--gpus-per-node G] [--pvc CLAIM]\n"
-         "       [--namespace NS] [--name NAME] [--set KEY=VALUE ...] [-o FILE]")
+         "       [--namespace NS] [--name NAME] [--master-port PORT] [--backoff-limit B]\n"
+         "       [--set KEY=VALUE ...] [-o FILE]")
 
 
 def add_parser(sub) -> None:
@@ -22,7 +23,7 @@ def add_parser(sub) -> None:
                     "it with `kubectl apply -f`. Every pod finds its node rank, the number of "
                     "nodes and the master from its environment. Nothing is sent to a cluster.")
     render.add_argument("config", metavar="CONFIG", help="a YAML file, or a shipped config's name")
-    render.add_argument("--nodes", type=int, required=True, help="pods (nodes) of the job")
+    render.add_argument("--nodes", type=int, required=True, metavar="N", help="pods (nodes) of the job")
     render.add_argument("--image", required=True,
                         help="a container image with paddlerun and Paddle installed")
     render.add_argument("--gpus-per-node", type=int, default=0, metavar="G",
@@ -33,8 +34,8 @@ def add_parser(sub) -> None:
     render.add_argument("--namespace", metavar="NS", help="default: kubectl's current namespace")
     render.add_argument("--name", help="name of the Job and Service (default: job.name, as a "
                                        "Kubernetes name)")
-    render.add_argument("--master-port", type=int, help="rendezvous port on pod 0 (default 29500)")
-    render.add_argument("--backoff-limit", type=int,
+    render.add_argument("--master-port", type=int, metavar="PORT", help="rendezvous port on pod 0 (default 29500)")
+    render.add_argument("--backoff-limit", type=int, metavar="B",
                         help="pod failures the Job tolerates (default 6; preemptions and "
                              "evictions do not count)")
     render.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
