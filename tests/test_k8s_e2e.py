@@ -64,6 +64,14 @@ def local_pods(manifest: str, tmp_path: Path) -> LocalPods:
     return LocalPods(manifest, tmp_path, dns={host: "localhost"})
 
 
+def node_dir(run_dir: Path) -> Path:
+    """Where a pod's supervisor keeps its logs: its run directory, or ``nodes/node-K``
+    inside it where one run directory may be shared by the nodes of a job."""
+    found = [logs.parent for logs in run_dir.glob("**/logs")]
+    assert len(found) == 1, found
+    return found[0]
+
+
 class JobController:
     """Keeps one pod per index until it exits 0; replaces a pod that exits 75."""
 
@@ -121,7 +129,7 @@ def test_two_pods_find_their_place_and_train_like_one_node_of_two_workers(tmp_pa
         placed = (launch["nnodes"], launch["node_rank"], launch["master"])
         assert placed == (NODES, index, f"{host}:{port}")
     assert summary(shared / "pod-0")["digest"] == reference
-    assert worker_digests(shared / "pod-1") == {0: reference}
+    assert worker_digests(node_dir(shared / "pod-1")) == {0: reference}
     assert (shared / "checkpoints" / f"step-{STEPS:08d}" / "manifest.json").is_file()
     assert_no_leftovers(tmp_path)
 
@@ -170,8 +178,8 @@ def test_preempted_pods_exit_75_within_the_grace_and_their_replacements_resume(t
                      if e["event"] == "snapshot_committed" and e["reason"] == "preempted"]
     assert 10 <= stopped_at < STEPS
     for index in range(NODES):
-        log = (shared / f"pod-{index}" / "logs" / "attempt-1" / "workerlog.0").read_text()
+        log = (node_dir(shared / f"pod-{index}") / "logs" / "attempt-1" / "workerlog.0").read_text()
         assert f"resumed from {shared / 'checkpoints' / f'step-{stopped_at:08d}'}" in log, log[-3000:]
     assert summary(shared / "pod-0")["digest"] == reference
-    assert worker_digests(shared / "pod-1", attempt=1) == {0: reference}
+    assert worker_digests(node_dir(shared / "pod-1"), attempt=1) == {0: reference}
     assert_no_leftovers(tmp_path)
