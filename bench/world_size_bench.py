@@ -34,11 +34,11 @@ COMMON = ["train.global_batch_size=48", "train.epochs=20", "checkpoint.every_ste
           "train.log_every_steps=10", "supervisor.hang_timeout_s=120"]
 
 
-def run(run_dir: Path, workers: int, steps: int, sharded: bool) -> None:
+def run(run_dir: Path, workers: int, steps: int, sharded: bool, extra=()) -> None:
     argv = [sys.executable, "-m", "paddlerun.launcher.cli", "run", str(REPO / "configs" / "mnist_lenet.yaml"),
             "--run-dir", str(run_dir)]
     for item in [*COMMON, f"launch.nproc_per_node={workers}", f"train.max_steps={steps}",
-                 f"train.sharded_optimizer={'true' if sharded else 'false'}"]:
+                 f"train.sharded_optimizer={'true' if sharded else 'false'}", *extra]:
         argv += ["--set", item]
     out = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
     if out.returncode != 0:
@@ -55,12 +55,12 @@ def last(run_dir: Path, key: str):
     return values[-1] if values else float("nan")
 
 
-def transition(work: Path, before: int, after: int, sharded: bool, at: int, steps: int) -> dict:
+def transition(work: Path, before: int, after: int, sharded: bool, at: int, steps: int, extra=()) -> dict:
     base = work / f"{before}-{after}{'-sharded' if sharded else ''}"
-    run(base / "start", before, at, sharded)
+    run(base / "start", before, at, sharded, extra)
     for name, workers in (("same", before), ("other", after)):
         shutil.copytree(base / "start", base / name, ignore=shutil.ignore_patterns("supervisor.json", ".*"))
-        run(base / name, workers, at + steps, sharded)
+        run(base / name, workers, at + steps, sharded, extra)
     same, other = final_model(base / "same"), final_model(base / "other")
     diff = max(float(np.max(np.abs(same[k] - other[k]))) for k in same)
     scale = max(float(np.max(np.abs(same[k]))) for k in same)
@@ -76,6 +76,8 @@ def main(argv=None) -> int:
                         help="W:W' (an s in front: train.sharded_optimizer=true)")
     parser.add_argument("--at", type=int, default=50, help="the step the world size changes at")
     parser.add_argument("--steps", type=int, default=100, help="steps after the change")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="another config override for every run (e.g. train.drop_last=true)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     rows = []
@@ -83,7 +85,7 @@ def main(argv=None) -> int:
         for spec in args.transitions:
             sharded = spec.startswith("s")
             before, after = (int(x) for x in spec.lstrip("s").split(":"))
-            row = transition(Path(work), before, after, sharded, args.at, args.steps)
+            row = transition(Path(work), before, after, sharded, args.at, args.steps, args.set)
             print(json.dumps(row), flush=True)
             rows.append(row)
     print(f"\nafter {args.steps} steps at the new world size against the same-world continuation")
