@@ -80,7 +80,8 @@ import psutil
 
 from paddlerun.trainer.checkpoint import CheckpointStore
 from paddlerun.trainer.events import read_events
-from paddlerun.trainer.heartbeat import Heartbeat, process_alive, read_heartbeats
+from paddlerun.trainer.heartbeat import Heartbeat, read_heartbeats
+from paddlerun.trainer.process_identity import ProcessIdentity
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "mnist_lenet.yaml"
@@ -366,7 +367,7 @@ class Chaos:
         self.exit_codes: List[int] = []
         self.injections: List[Injection] = []
         self.leftovers: List[str] = []
-        self.stopped_pids: List[Tuple[int, float]] = []
+        self.stopped_pids: List[Tuple[int, int]] = []  # (pid, start_ticks)
         self.started_at = 0.0
         self.wall_s = 0.0
         self.error: Optional[str] = None
@@ -497,15 +498,12 @@ class Chaos:
         inj.at = time.time()
         if fault.kind in (Kind.WORKER_KILL, Kind.WORKER_STOP):
             hb = beats[fault.rank]
-            proc = psutil.Process(hb.pid)
-            if abs(proc.create_time() - hb.create_time) >= 0.01:
-                raise psutil.NoSuchProcess(hb.pid)  # rank gone, its pid reused
             inj.pid = hb.pid
-            if fault.kind is Kind.WORKER_KILL:
-                proc.send_signal(signal.SIGKILL)
-            else:
-                proc.send_signal(signal.SIGSTOP)
-                self.stopped_pids.append((hb.pid, hb.create_time))
+            sig = signal.SIGKILL if fault.kind is Kind.WORKER_KILL else signal.SIGSTOP
+            if not hb.identity.send_signal(sig):
+                raise psutil.NoSuchProcess(hb.pid)  # rank gone (its pid perhaps reused)
+            if fault.kind is Kind.WORKER_STOP:
+                self.stopped_pids.append((hb.pid, hb.start_ticks))
         elif fault.kind is Kind.LAUNCH_KILL:
             started = latest_started(self.run_dir)
             proc = psutil.Process(started["pid"])
@@ -524,9 +522,9 @@ class Chaos:
         """SIGKILL rank 0 while it is writing a snapshot: stop it the moment a staging
         directory appears, make sure the commit has not happened yet, then kill it."""
         ckpt = self.run_dir / "checkpoints"
-        proc = psutil.Process(hb.pid)
-        if abs(proc.create_time() - hb.create_time) >= 0.01:
-            raise psutil.NoSuchProcess(hb.pid)  # rank 0 gone, its pid reused
+        proc = psutil.Process(hb.pid)  # psutil checks the process's start time before each signal
+        if not hb.identity.alive():
+            raise psutil.NoSuchProcess(hb.pid)  # rank 0 gone (its pid perhaps reused)
         inj.pid = hb.pid
 
         def staging_dirs():
@@ -760,7 +758,7 @@ def run_checks(chaos: Chaos, r: Report, evs: List[dict], summary: dict,
     left = [f"at the end: pid {p.pid} ({' '.join(p.cmdline())[:100]})"
             for p in processes_of(run_dir)]
     left += [f"the SIGSTOPped pid {pid} is still there" for pid, created in chaos.stopped_pids
-             if process_alive(pid, created)]
+             if ProcessIdentity(pid, created).alive()]
     checks.append(Check("no process of the run left", not (chaos.leftovers or left),
                         "; ".join(chaos.leftovers + left) or "none (also checked after every exit 75)"))
 

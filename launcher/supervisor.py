@@ -18,7 +18,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-import psutil
 from filelock import FileLock, Timeout
 
 from paddlerun.launcher import exit_codes, root_cause
@@ -32,6 +31,7 @@ from paddlerun.trainer.config import dump_config
 from paddlerun.trainer.events import EventLog
 from paddlerun.trainer.heartbeat import clear_heartbeats, read_heartbeats, stale_ranks
 from paddlerun.trainer.metrics import write_json_atomic
+from paddlerun.trainer.process_identity import ProcessIdentity
 
 log = logging.getLogger("paddlerun.supervisor")
 
@@ -163,6 +163,7 @@ class Supervisor:
             raise RunDirBusy(f"run directory {self.run_dir} is in use by another supervisor "
                              f"({owner.strip()}); stop it or pick another --run-dir") from None
         write_json_atomic(owner_file, {"host": socket.gethostname(), "pid": os.getpid(),
+                                       "start_ticks": ProcessIdentity.me().start_ticks,
                                        "started": time.time()})
         dump_config(self.config, self.run_dir / "config.yaml")
         self.events = EventLog(self.run_dir / "events.jsonl")
@@ -178,7 +179,8 @@ class Supervisor:
         self.console.follow(log_dir / "launch.log", launch_log.tell())
         argv = self.spec.argv(self.attempt)
         env = self.spec.env(self.attempt, restarts=len(self.failures),
-                            tty=self.stream.isatty() if hasattr(self.stream, "isatty") else False)
+                            tty=self.stream.isatty() if hasattr(self.stream, "isatty") else False,
+                            supervisor=ProcessIdentity.me())
         self.tree = ProcessTree(argv, env=env, stdout=launch_log, stderr=launch_log)
         self._dead.clear()
         try:
@@ -191,7 +193,8 @@ class Supervisor:
             launch_log.close()
         self.attempt_started = time.time()
         self.exits.forget()  # the last attempt's processes; the signal wake-up stays
-        self.exits.watch(self.tree.pid)
+        if self.tree.identity is not None:
+            self.exits.watch(self.tree.identity)
         self._emit("started", pid=self.tree.pid, nproc_per_node=self.spec.nproc_per_node,
                    restarts=len(self.failures), argv=argv)
         log.info("attempt %d started (launch pid %d, %d workers)", self.attempt, self.tree.pid,
@@ -211,8 +214,8 @@ class Supervisor:
             beats = read_heartbeats(hb_dir, attempt=self.attempt)
             local = {r: hb for r, hb in beats.items() if hb.host == self.host}
             for hb in local.values():
-                self.tree.add_known(hb.pid, hb.create_time)
-                self.exits.watch(hb.pid, hb.create_time)
+                self.tree.add_known(hb.identity)
+                self.exits.watch(hb.identity)
             if now - scanned_at >= TREE_SCAN_S:
                 self.tree.reap_orphans()
                 scanned_at = now
@@ -405,14 +408,10 @@ def dead_ranks(beats) -> Dict[int, Optional[int]]:
     for rank, hb in beats.items():
         if hb.phase == "done":
             continue
-        try:
-            proc = psutil.Process(hb.pid)
-            if abs(proc.create_time() - hb.create_time) >= 0.01:
-                dead[rank] = None  # the pid was reused: the worker is long gone
-            elif proc.status() == psutil.STATUS_ZOMBIE:
-                dead[rank] = zombie_returncode(hb.pid)
-        except psutil.Error:
-            dead[rank] = None
+        if not hb.identity.exists():
+            dead[rank] = None  # gone (or its pid reused): its exit status is lost
+        elif not hb.identity.alive():
+            dead[rank] = zombie_returncode(hb.pid)
     return dead
 
 
