@@ -24,6 +24,7 @@ from paddlerun.launcher import exit_codes, root_cause
 from paddlerun.launcher.console_log import LaunchLogForwarder, unshown_lines
 from paddlerun.launcher.exit_watch import ExitWatch
 from paddlerun.launcher.launch import LaunchSpec
+from paddlerun.launcher.leftovers import find_leftovers, stop_leftovers
 from paddlerun.launcher.process_tree import ProcessTree, become_subreaper
 from paddlerun.launcher.restart_policy import Failure, RestartPolicy
 from paddlerun.trainer import control
@@ -123,6 +124,7 @@ class Supervisor:
         except RunDirBusy as e:
             print(f"paddlerun: {e}", file=sys.stderr)
             return exit_codes.BAD_CONFIG
+        self._stop_leftovers()
         become_subreaper()
         previous = self._install_signal_handlers()
         self.exits.wake_on_signals()
@@ -169,6 +171,19 @@ class Supervisor:
         self.events = EventLog(self.run_dir / "events.jsonl")
         self.attempt = self.first_attempt = next_attempt_number(self.run_dir)
         control.clear(self.run_dir)
+
+    def _stop_leftovers(self) -> None:
+        """Stop what an earlier supervisor of this run directory left running (it was killed)."""
+        left = find_leftovers(self.run_dir)
+        if not left:
+            return
+        pids = ", ".join(str(i.pid) for i in left)
+        print(f"paddlerun: {len(left)} process(es) of an earlier supervisor of {self.run_dir} "
+              f"still run (pids {pids}; that supervisor is gone): stopping them first",
+              file=sys.stderr)
+        killed = stop_leftovers(left, TEARDOWN_TERM_S)
+        self._emit("leftovers_stopped", pids=[i.pid for i in left],
+                   sigkilled=[i.pid for i in killed])
 
     def _start(self) -> State:
         clear_heartbeats(self.run_dir / "heartbeats")
