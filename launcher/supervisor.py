@@ -28,6 +28,7 @@ from paddlerun.launcher.leftovers import find_leftovers, stop_leftovers
 from paddlerun.launcher.process_tree import ProcessTree, become_subreaper
 from paddlerun.launcher.restart_policy import Failure, RestartPolicy
 from paddlerun.trainer import control
+from paddlerun.trainer.checkpoint import CheckpointStore
 from paddlerun.trainer.config import dump_config
 from paddlerun.trainer.events import EventLog
 from paddlerun.trainer.heartbeat import clear_heartbeats, read_heartbeats, stale_ranks
@@ -84,6 +85,9 @@ POLL_S = 0.1
 TREE_SCAN_S = 30.0
 #: SIGTERM -> SIGKILL grace when tearing a failed attempt down.
 TEARDOWN_TERM_S = 5.0
+#: The same, when preempted with nothing to save: a worker ignores SIGTERM until its next
+#: agreement point, which a rendezvous or a restore may be far from.
+NOTHING_TO_SAVE_TERM_S = 0.5
 #: After a worker died: how long paddle's launcher gets to stop the others itself (it
 #: SIGTERMs them ~1 s after the death and SIGKILLs 3 s later; PADDLE_NOTES.md).
 LAUNCH_EXIT_GRACE_S = 6.0
@@ -306,9 +310,22 @@ class Supervisor:
         return State.STARTING
 
     def _preempt(self) -> State:
-        """Ask the workers for a snapshot, give them the grace period, then stop everything."""
+        """Ask the workers for a snapshot, give them the grace period, then stop everything.
+
+        When no worker has trained since the newest snapshot (start-up, a rendezvous waiting
+        for a peer, restoring), a snapshot would add nothing: stop at once instead of
+        letting a scheduler's own grace period (Kubernetes: 30 s) run out first.
+        """
         first = self.signals[0]
         grace = self.config.supervisor.preempt_grace_s
+        nothing = self._nothing_to_save()
+        if nothing is not None:
+            log.info("%s: %s: stopping at once", signal.Signals(first).name, nothing)
+            self.tree.close(NOTHING_TO_SAVE_TERM_S)
+            self._teardown("preempted")
+            self._emit("preempted", signal=signal.Signals(first).name, clean=True,
+                       how=f"nothing to save: {nothing}")
+            return State.PREEMPTED
         self._emit("preempt_requested", signal=signal.Signals(first).name, grace_s=grace)
         log.info("%s: asking the workers for a snapshot (grace %.0f s; signal again to stop at once)",
                  signal.Signals(first).name, grace)
@@ -326,6 +343,22 @@ class Supervisor:
         return State.PREEMPTED
 
     # ------------------------------------------------------------ helpers
+
+    def _nothing_to_save(self) -> Optional[str]:
+        """Why a snapshot now would save nothing, by the heartbeats of this attempt (the step
+        each rank has completed) against the newest complete snapshot; None when some rank
+        has trained past it. A rank trains up to one heartbeat interval before its file
+        shows it: that much may be lost, as after a crash."""
+        beats = read_heartbeats(self.run_dir / "heartbeats", attempt=self.attempt)
+        directory = self.config.checkpoint.dir or self.run_dir / "checkpoints"
+        newest = CheckpointStore(directory).newest_complete(verify=False)
+        newest_step = newest.step if newest is not None else 0
+        if any(hb.step > newest_step for hb in beats.values()):
+            return None
+        where = f"the newest snapshot (step {newest_step})" if newest else "the start (no snapshot yet)"
+        if not beats:
+            return f"no worker has sent a heartbeat yet; training would start from {where}"
+        return f"no worker has trained since {where}"
 
     def _wait_for_workers_to_exit(self, timeout_s: float) -> None:
         """Until the launch process or every local worker has exited (or ``timeout_s``).
