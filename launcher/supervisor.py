@@ -318,6 +318,7 @@ class Supervisor:
         """
         first = self.signals[0]
         grace = self.config.supervisor.preempt_grace_s
+        self._emit("preempt_requested", signal=signal.Signals(first).name, grace_s=grace)
         nothing = self._nothing_to_save()
         if nothing is not None:
             log.info("%s: %s: stopping at once", signal.Signals(first).name, nothing)
@@ -326,7 +327,6 @@ class Supervisor:
             self._emit("preempted", signal=signal.Signals(first).name, clean=True,
                        how=f"nothing to save: {nothing}")
             return State.PREEMPTED
-        self._emit("preempt_requested", signal=signal.Signals(first).name, grace_s=grace)
         log.info("%s: asking the workers for a snapshot (grace %.0f s; signal again to stop at once)",
                  signal.Signals(first).name, grace)
         control.request_stop(self.run_dir, reason=signal.Signals(first).name)
@@ -345,15 +345,15 @@ class Supervisor:
     # ------------------------------------------------------------ helpers
 
     def _nothing_to_save(self) -> Optional[str]:
-        """Why a snapshot now would save nothing, by the heartbeats of this attempt (the step
-        each rank has completed) against the newest complete snapshot; None when some rank
-        has trained past it. A rank trains up to one heartbeat interval before its file
-        shows it: that much may be lost, as after a crash."""
+        """Why a snapshot now would save nothing, by the heartbeats of this attempt; None when
+        some rank may have trained since the newest complete snapshot: its step is past the
+        snapshot's, or it has left phase ``init`` (start-up, rendezvous, restore), so that it
+        may have trained steps its file (written every heartbeat interval) does not show yet."""
         beats = read_heartbeats(self.run_dir / "heartbeats", attempt=self.attempt)
         directory = self.config.checkpoint.dir or self.run_dir / "checkpoints"
         newest = CheckpointStore(directory).newest_complete(verify=False)
         newest_step = newest.step if newest is not None else 0
-        if any(hb.step > newest_step for hb in beats.values()):
+        if any(hb.phase != "init" or hb.step > newest_step for hb in beats.values()):
             return None
         where = f"the newest snapshot (step {newest_step})" if newest else "the start (no snapshot yet)"
         if not beats:

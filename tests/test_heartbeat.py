@@ -12,8 +12,8 @@ import time
 import psutil
 import pytest
 
-from paddlerun.trainer.process_identity import ProcessIdentity
 from paddlerun.trainer.heartbeat import (
+    SUPERVISOR_GONE_EXIT_CODE,
     Heartbeat,
     HeartbeatWriter,
     clear_heartbeats,
@@ -22,6 +22,7 @@ from paddlerun.trainer.heartbeat import (
     read_heartbeats,
     stale_ranks,
 )
+from paddlerun.trainer.process_identity import ProcessIdentity
 
 INTERVAL = 0.1
 HANG = 1.0
@@ -273,3 +274,29 @@ def test_lowest_live_rank(tmp_path):
 def test_writer_rejects_bad_interval(tmp_path):
     with pytest.raises(ValueError, match="interval_s"):
         HeartbeatWriter(tmp_path, rank=0, interval_s=0)
+
+
+def test_a_writer_whose_supervisor_is_gone_exits_its_process(tmp_path):
+    """The worker side of a SIGKILLed supervisor: its heartbeat thread ends the process."""
+    supervisor = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    identity = ProcessIdentity.of(supervisor.pid)
+    worker = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from paddlerun.trainer.heartbeat import HeartbeatWriter\n"
+         "from paddlerun.trainer.process_identity import ProcessIdentity\n"
+         f"HeartbeatWriter(sys.argv[1], 0, 0.1, supervisor=ProcessIdentity.parse({str(identity)!r})).start()\n"
+         "print('training', flush=True)\n"
+         "while True: time.sleep(0.01)  # the main thread never looks\n",
+         str(tmp_path / "hb")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert worker.stdout.readline().strip() == "training"
+        time.sleep(0.5)
+        assert worker.poll() is None, "its supervisor lives: it trains on"
+        supervisor.kill()
+        supervisor.wait(timeout=10)
+        assert worker.wait(timeout=10) == SUPERVISOR_GONE_EXIT_CODE
+        assert f"its supervisor, pid {supervisor.pid}, is gone" in worker.stderr.read()
+    finally:
+        for proc in (worker, supervisor):
+            proc.kill()
+            proc.wait(timeout=10)

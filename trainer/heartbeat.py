@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Dict, Mapping, Optional, Union
 
 from paddlerun.trainer.process_identity import ProcessIdentity
+
 __all__ = [
     "PHASES",
     "Heartbeat",
