@@ -405,10 +405,12 @@ class Chaos:
         return min(cap, left)
 
     def _wait_exit(self, cap: float, what: str) -> int:
+        timeout = self._remaining(cap)
         try:
-            code = self.proc.wait(timeout=self._remaining(cap))
+            code = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise ChaosError(f"paddlerun did not exit within {cap:.0f} s {what}") from None
+            why = "" if timeout == cap else " (the rest of --timeout)"
+            raise ChaosError(f"paddlerun did not exit within {timeout:.0f} s{why} {what}") from None
         self.exit_codes.append(code)
         return code
 

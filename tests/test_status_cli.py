@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from helpers import REPO, assert_no_leftovers, heartbeat, killed_on_error, start, wait_for

@@ -1,5 +1,4 @@
 """Only the supervisor dies (SIGKILL): nothing of its job trains on, and a rerun resumes bit-exact."""
-import os
 import signal
 import time
 
