@@ -1,6 +1,6 @@
 """Chaos run: attack a real paddlerun job with random faults, then prove nothing was lost.
 
-    python bench/chaos.py                                      # 6 faults, one of each kind, seed 1 (~3 min on 2 cores)
+    python bench/chaos.py                                      # 8 faults, one of each kind, seed 1 (~4 min on 2 cores)
     python bench/chaos.py --faults 4 --seed 1 --json out.json  # fewer faults; the figures as JSON too
     python bench/chaos.py --faults 50 --seed 2024 --hang-timeout 15 --json chaos-50.json   # the soak (~15-25 min)
     python bench/chaos.py --faults 8 --seed 3 --reference-digest SHA256  # skip the uninterrupted run
@@ -20,7 +20,7 @@ varies with timing. Both are reported. The supervisor runs with ``hang_timeout_s
 8 s on a busy 2-core machine), ``max_restarts`` and ``max_failures_in_window`` K + 3 and a
 0.2 s backoff.
 
-The kinds (each block of six faults in the schedule is a shuffled set of all six):
+The kinds (each block of len(Kind) faults in the schedule is a shuffled set of all of them):
 
 ==============  ==================================================  ==============================
 kind            what is done                                        what must be in events.jsonl
@@ -37,6 +37,13 @@ persist_kill    when a ``.staging-step-*`` directory appears:       worker_faile
 corrupt         as preempt; while the run is stopped, flip a byte   preempted; the rerun's workers log
                 in ``model.safetensors`` of the newest complete     "skipping snapshot" naming the file
                 snapshot, then rerun                                and resume from an older one
+supervisor_kill SIGKILL the supervisor only; every process of the   exit -9; a worker logs "its
+                run must be gone within 15 s (its workers watch     supervisor, pid P, is gone"
+                it), then rerun
+startup_preempt SIGKILL a worker (rank: salt % nproc); the moment   worker_failed "rank R killed by
+                the restart's attempt has started (no heartbeat     SIGKILL"; the next attempt's
+                yet), SIGTERM the supervisor; expect exit 75 (it    preempted "nothing to save ...",
+                has nothing to save: no grace), rerun               exit 75
 ==============  ==================================================  ==============================
 
 At the end every check must pass for exit 0: the run succeeded; every scheduled fault was
@@ -80,7 +87,8 @@ import psutil
 
 from paddlerun.trainer.checkpoint import CheckpointStore
 from paddlerun.trainer.events import read_events
-from paddlerun.trainer.heartbeat import Heartbeat, process_alive, read_heartbeats
+from paddlerun.trainer.heartbeat import Heartbeat, read_heartbeats
+from paddlerun.trainer.process_identity import ProcessIdentity
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "mnist_lenet.yaml"
@@ -110,10 +118,15 @@ class Kind(str, Enum):
     PREEMPT = "preempt"
     PERSIST_KILL = "persist_kill"
     CORRUPT = "corrupt"
+    SUPERVISOR_KILL = "supervisor_kill"
+    STARTUP_PREEMPT = "startup_preempt"
 
 
-#: Faults after which the run is stopped (exit 75) and the same command is run again.
-RERUN_KINDS = {Kind.PREEMPT, Kind.CORRUPT}
+#: Faults after which the run is stopped (exit 75, or the supervisor is killed) and the
+#: same command is run again.
+RERUN_KINDS = {Kind.PREEMPT, Kind.CORRUPT, Kind.SUPERVISOR_KILL, Kind.STARTUP_PREEMPT}
+#: How long the job of a SIGKILLed supervisor may take to stop by itself.
+ORPHAN_EXIT_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -141,6 +154,9 @@ class Injection:
     corrupted: Optional[str] = None   # corrupt: the file altered
     corrupted_offset: Optional[int] = None
     corrupted_at: Optional[float] = None
+    #: supervisor_kill: seconds until no process of the run was left; startup_preempt:
+    #: seconds from the SIGTERM to the supervisor's exit.
+    stopped_s: Optional[float] = None
     note: str = ""
 
 
@@ -366,7 +382,7 @@ class Chaos:
         self.exit_codes: List[int] = []
         self.injections: List[Injection] = []
         self.leftovers: List[str] = []
-        self.stopped_pids: List[Tuple[int, float]] = []
+        self.stopped_pids: List[Tuple[int, int]] = []  # (pid, start_ticks)
         self.started_at = 0.0
         self.wall_s = 0.0
         self.error: Optional[str] = None
@@ -389,10 +405,12 @@ class Chaos:
         return min(cap, left)
 
     def _wait_exit(self, cap: float, what: str) -> int:
+        timeout = self._remaining(cap)
         try:
-            code = self.proc.wait(timeout=self._remaining(cap))
+            code = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise ChaosError(f"paddlerun did not exit within {cap:.0f} s {what}") from None
+            why = "" if timeout == cap else " (the rest of --timeout)"
+            raise ChaosError(f"paddlerun did not exit within {timeout:.0f} s{why} {what}") from None
         self.exit_codes.append(code)
         return code
 
@@ -485,6 +503,17 @@ class Chaos:
 
     def _stop_and_rerun(self, inj: Injection) -> None:
         inj.exit_code = self._wait_exit(120, "after SIGTERM")
+        if inj.fault.kind is Kind.STARTUP_PREEMPT:
+            inj.stopped_s = time.time() - inj.at
+            inj.note = f"exit {inj.exit_code} {inj.stopped_s:.1f} s after SIGTERM in attempt {inj.attempt + 1}"
+        if inj.fault.kind is Kind.SUPERVISOR_KILL:
+            try:
+                wait_until(lambda: not processes_of(self.run_dir), ORPHAN_EXIT_S,
+                           "the killed supervisor's job to stop by itself")
+                inj.stopped_s = time.time() - inj.at
+                inj.note = f"its job was gone {inj.stopped_s:.1f} s after the SIGKILL"
+            except ChaosError:
+                inj.note = f"its job was still running {ORPHAN_EXIT_S:.0f} s after the SIGKILL"
         self._check_nothing_left(f"after the exit of attempt {inj.attempt} (code {inj.exit_code})")
         if inj.fault.kind is Kind.CORRUPT:
             self._corrupt_newest(inj)
@@ -497,15 +526,12 @@ class Chaos:
         inj.at = time.time()
         if fault.kind in (Kind.WORKER_KILL, Kind.WORKER_STOP):
             hb = beats[fault.rank]
-            proc = psutil.Process(hb.pid)
-            if abs(proc.create_time() - hb.create_time) >= 0.01:
-                raise psutil.NoSuchProcess(hb.pid)  # rank gone, its pid reused
             inj.pid = hb.pid
-            if fault.kind is Kind.WORKER_KILL:
-                proc.send_signal(signal.SIGKILL)
-            else:
-                proc.send_signal(signal.SIGSTOP)
-                self.stopped_pids.append((hb.pid, hb.create_time))
+            sig = signal.SIGKILL if fault.kind is Kind.WORKER_KILL else signal.SIGSTOP
+            if not hb.identity.send_signal(sig):
+                raise psutil.NoSuchProcess(hb.pid)  # rank gone (its pid perhaps reused)
+            if fault.kind is Kind.WORKER_STOP:
+                self.stopped_pids.append((hb.pid, hb.start_ticks))
         elif fault.kind is Kind.LAUNCH_KILL:
             started = latest_started(self.run_dir)
             proc = psutil.Process(started["pid"])
@@ -513,6 +539,18 @@ class Chaos:
                 raise ChaosError(f"pid {started['pid']} is not this run's launch process")
             inj.pid = proc.pid
             proc.send_signal(signal.SIGKILL)
+        elif fault.kind is Kind.SUPERVISOR_KILL:
+            inj.pid = self.proc.pid
+            self.proc.send_signal(signal.SIGKILL)
+        elif fault.kind is Kind.STARTUP_PREEMPT:
+            hb = beats[fault.salt % self.job.nproc]
+            inj.pid = hb.pid
+            if not hb.identity.send_signal(signal.SIGKILL):
+                raise psutil.NoSuchProcess(hb.pid)
+            self._wait_for_next_attempt(inj.attempt)  # started: no heartbeat of it yet
+            inj.at = time.time()
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
         elif fault.kind in RERUN_KINDS:
             inj.pid = self.proc.pid
             self.proc.send_signal(signal.SIGTERM)
@@ -524,9 +562,9 @@ class Chaos:
         """SIGKILL rank 0 while it is writing a snapshot: stop it the moment a staging
         directory appears, make sure the commit has not happened yet, then kill it."""
         ckpt = self.run_dir / "checkpoints"
-        proc = psutil.Process(hb.pid)
-        if abs(proc.create_time() - hb.create_time) >= 0.01:
-            raise psutil.NoSuchProcess(hb.pid)  # rank 0 gone, its pid reused
+        proc = psutil.Process(hb.pid)  # psutil checks the process's start time before each signal
+        if not hb.identity.alive():
+            raise psutil.NoSuchProcess(hb.pid)  # rank 0 gone (its pid perhaps reused)
         inj.pid = hb.pid
 
         def staging_dirs():
@@ -638,6 +676,19 @@ def expected_evidence(inj: Injection, evs: List[dict], run_dir: Path) -> Tuple[b
     if fault.kind is Kind.LAUNCH_KILL:
         ok = "launch process" in cause and "SIGKILL" in cause
         return ok, f"worker_failed: {cause}" if failed else "no worker_failed"
+    if fault.kind is Kind.SUPERVISOR_KILL:
+        said = any(f"its supervisor, pid {inj.pid}, is gone" in line
+                   for lines in worker_log_lines(run_dir, a).values() for line in lines)
+        ok = inj.exit_code == -signal.SIGKILL and said
+        return ok, (f"exit {inj.exit_code}; " + ("a worker logged that its supervisor was gone"
+                                                  if said else "NO worker logged its supervisor gone"))
+    if fault.kind is Kind.STARTUP_PREEMPT:
+        preempted = [e for e in evs if e["event"] == "preempted" and e["attempt"] == a + 1]
+        how = preempted[0].get("how", "") if preempted else ""
+        ok = cause.startswith("rank ") and "killed by SIGKILL" in cause and \
+            how.startswith("nothing to save") and inj.exit_code == REQUEUE
+        return ok, (f"worker_failed: {cause}; attempt {a + 1} preempted ({how}), exit {inj.exit_code}"
+                    if preempted else f"worker_failed: {cause}; no preempted event in attempt {a + 1}")
     if fault.kind is Kind.WORKER_STOP:
         hangs = [e for e in evs if e["event"] == "hang_detected" and e["attempt"] == a]
         ranks = hangs[0].get("ranks", {}) if hangs else {}
@@ -726,7 +777,8 @@ def analyse(chaos: Chaos, seed: int, reference_digest: Optional[str],
             mismatches.append(mismatch)
     unplanned = []
     for a, e in sorted(ended.items()):
-        if a not in by_attempt:
+        startup = by_attempt.get(a - 1)  # a startup_preempt ends the attempt after its own
+        if a not in by_attempt and not (startup and startup.fault.kind is Kind.STARTUP_PREEMPT):
             what = e.get("cause") if e["event"] == "worker_failed" else f"preempted ({e.get('how')})"
             unplanned.append(f"attempt {a}: {e['event']}: {what}")
 
@@ -760,7 +812,7 @@ def run_checks(chaos: Chaos, r: Report, evs: List[dict], summary: dict,
     left = [f"at the end: pid {p.pid} ({' '.join(p.cmdline())[:100]})"
             for p in processes_of(run_dir)]
     left += [f"the SIGSTOPped pid {pid} is still there" for pid, created in chaos.stopped_pids
-             if process_alive(pid, created)]
+             if ProcessIdentity(pid, created).alive()]
     checks.append(Check("no process of the run left", not (chaos.leftovers or left),
                         "; ".join(chaos.leftovers + left) or "none (also checked after every exit 75)"))
 
@@ -815,26 +867,26 @@ def render(r: Report, command: str) -> str:
     lines = [f"chaos: {r.faults} faults, seed {r.seed}, max_steps {r.job.max_steps}, "
              f"{r.job.nproc} workers, hang timeout {r.job.hang_timeout_s:g} s",
              "",
-             f"  {'#':>3}  {'fault':<16} {'trigger':>7} {'landed':>6} {'attempt':>7} "
+             f"  {'#':>3}  {'fault':<18} {'trigger':>7} {'landed':>6} {'attempt':>7} "
              f"{'reached':>7} {'resumed':>7} {'redone':>6}  recovered  cause in events.jsonl"]
     for inj in r.injections:
         f = inj.fault
         crash, resumed = r.redone_by_attempt.get(inj.attempt, (None, None))
         name = f.kind.value + ("" if f.rank is None else f" r{f.rank}")
         lines.append(
-            f"  {f.index:>3}  {name:<16} {f.trigger_step:>7} {inj.landed_step:>6} {inj.attempt:>7} "
+            f"  {f.index:>3}  {name:<18} {f.trigger_step:>7} {inj.landed_step:>6} {inj.attempt:>7} "
             f"{'-' if crash is None else crash:>7} {'-' if resumed is None else resumed:>7} "
             f"{'-' if resumed is None else max(crash - resumed, 0):>6}  "
             f"{'yes' if r.recovered.get(f.index) else 'NO':<9}  {r.causes.get(f.index, '')}"
             + (f"  [{inj.note}]" if inj.note else ""))
     for f in r.schedule[len(r.injections):]:
-        lines.append(f"  {f.index:>3}  {f.kind.value:<16} {f.trigger_step:>7}  never injected")
-    lines += ["", f"  {'kind':<14} {'injected':>8} {'recovered':>9}"]
+        lines.append(f"  {f.index:>3}  {f.kind.value:<18} {f.trigger_step:>7}  never injected")
+    lines += ["", f"  {'kind':<16} {'injected':>8} {'recovered':>9}"]
     for kind in Kind:
         inj = [i for i in r.injections if i.fault.kind is kind]
-        lines.append(f"  {kind.value:<14} {len(inj):>8} "
+        lines.append(f"  {kind.value:<16} {len(inj):>8} "
                      f"{sum(r.recovered.get(i.fault.index, False) for i in inj):>9}")
-    lines.append(f"  {'total':<14} {len(r.injections):>8} {sum(r.recovered.values()):>9}")
+    lines.append(f"  {'total':<16} {len(r.injections):>8} {sum(r.recovered.values()):>9}")
     ratio = f" (x{r.wall_s / r.reference_wall_s:.1f})" if r.reference_wall_s else ""
     ref = f"{r.reference_wall_s:.0f} s" if r.reference_wall_s else "n/a (--reference-digest)"
     lines += ["",
@@ -876,7 +928,8 @@ def to_json(r: Report, command: str, work_dir: Path) -> dict:
             "attempt": i.attempt, "injected_at": i.at, "trigger_seen": i.trigger_seen,
             "landed_step": i.landed_step,
             "pid": i.pid, "exit_code": i.exit_code, "mid_persist": i.mid_persist,
-            "corrupted": i.corrupted, "corrupted_offset": i.corrupted_offset, "note": i.note,
+            "corrupted": i.corrupted, "corrupted_offset": i.corrupted_offset,
+            "stopped_s": i.stopped_s, "note": i.note,
             "cause": r.causes.get(i.fault.index), "recovered": r.recovered.get(i.fault.index),
             "crash_step": r.redone_by_attempt.get(i.attempt, (None, None))[0],
             "resumed_step": r.redone_by_attempt.get(i.attempt, (None, None))[1],
@@ -915,7 +968,8 @@ def _raise_interrupt(signum, frame):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--faults", type=int, default=6, help="how many faults (default 6)")
+    p.add_argument("--faults", type=int, default=len(Kind),
+                   help=f"how many faults (default {len(Kind)}: one of each kind)")
     p.add_argument("--seed", type=int, default=1, help="the schedule's seed (default 1)")
     p.add_argument("--max-steps", type=int, default=None,
                    help="training steps (default max(300, 100 + 20 x faults))")
@@ -942,7 +996,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                + (f" --hang-timeout {args.hang_timeout:g}" if args.hang_timeout != 8.0 else ""))
     if args.plan:
         for f in schedule:
-            print(f"{f.index:>3}  {f.kind.value:<13} step {f.trigger_step:>4}"
+            print(f"{f.index:>3}  {f.kind.value:<15} step {f.trigger_step:>4}"
                   + ("" if f.rank is None else f"  rank {f.rank}"))
         return 0
 

@@ -20,27 +20,31 @@ import select
 import signal
 from typing import Dict, Optional, Tuple
 
-_Key = Tuple[int, float]  # (pid, create_time): a pid alone may be reused
+from paddlerun.trainer.process_identity import ProcessIdentity
 
 
 class ExitWatch:
     def __init__(self, fallback_s: float):
         self.fallback_s = fallback_s
-        self._fds: Dict[_Key, Optional[int]] = {}  # None: exited already, or no pidfd for it
+        self._fds: Dict[ProcessIdentity, Optional[int]] = {}  # None: exited already, or no pidfd for it
         self.supported = hasattr(os, "pidfd_open")
         self._wakeup: Optional[Tuple[int, int]] = None  # (read end, write end) of a pipe
         self._previous_wakeup = -1
 
-    def watch(self, pid: int, create_time: float = 0.0) -> None:
-        """Wake :meth:`sleep` when ``pid`` exits. A process that has exited already is not
-        watched: the caller's own checks see it (the watch only makes them sooner)."""
-        key = (pid, create_time)
+    def watch(self, identity: ProcessIdentity) -> None:
+        """Wake :meth:`sleep` when this process exits. A process that has exited already
+        (or whose pid now names another) is not watched: the caller's own checks see it
+        (the watch only makes them sooner)."""
+        key = identity
         if key in self._fds:
             return
         fd = None
         if self.supported:
             try:
-                fd = os.pidfd_open(pid)
+                fd = os.pidfd_open(identity.pid)
+                if not identity.alive():  # opened on a reused pid, or it is a zombie already
+                    os.close(fd)
+                    fd = None
             except OSError as exc:
                 if exc.errno in (errno.ENOSYS, errno.EPERM):  # no pidfds here: poll instead
                     self.supported = False

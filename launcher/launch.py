@@ -18,6 +18,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 from paddlerun.trainer import env as worker_env
 from paddlerun.trainer.config import Config
+from paddlerun.trainer.process_identity import ProcessIdentity
 
 CPU_WORKERS_DEFAULT = 2
 _SCRUBBED_PREFIXES = ("PADDLE_", "POD_", "PADDLERUN_")
@@ -58,7 +59,8 @@ class LaunchSpec:
         return argv
 
     def env(self, attempt: int, restarts: int, base: Mapping[str, str] = os.environ,
-            tty: bool = False) -> Dict[str, str]:
+            tty: bool = False, supervisor: Optional[ProcessIdentity] = None) -> Dict[str, str]:
+        """``supervisor``: the process the workers watch; they stop when it is gone."""
         env = scrub(base)
         checkpoint_dir = self.config.checkpoint.dir or str(self.run_dir / "checkpoints")
         env.update({
@@ -71,6 +73,8 @@ class LaunchSpec:
             worker_env.TTY: "1" if tty else "0",
             "PYTHONUNBUFFERED": "1",
         })
+        if supervisor is not None:
+            env[worker_env.SUPERVISOR] = str(supervisor)
         return env
 
 

@@ -12,9 +12,9 @@ Why this is harder than ``Popen.kill()``:
 * When the launch process is SIGKILLed its workers are orphaned and keep
   training. They are re-parented to the nearest *child subreaper*
   (:func:`become_subreaper`; the supervisor calls it once) or to init.
-* So a tree remembers every process it has ever seen by ``(pid, create_time)``
-  -- a pid alone may be reused -- and marks its environment with a variable
-  unique to the tree (``PADDLERUN_TREE_<id>=1``), which every descendant
+* So a tree remembers every process it has ever seen by ``(pid, start_ticks)``
+  (``ProcessIdentity``: a pid alone may be reused) and marks its environment
+  with a variable unique to the tree (``PADDLERUN_TREE_<id>=1``), which every descendant
   inherits unless it deliberately scrubs its environment. :meth:`ProcessTree.members`
   finds a process by any of: descendant of the launch process, descendant of a
   process seen before, registered with :meth:`ProcessTree.add_known` (worker
@@ -35,9 +35,11 @@ import subprocess
 import sys
 import time
 import uuid
-from typing import Dict, IO, List, Optional, Set, Tuple, Union
+from typing import Dict, IO, Iterable, List, Optional, Set, Tuple, Union
 
 import psutil
+
+from paddlerun.trainer.process_identity import ProcessIdentity, TICKS_PER_S, process_table, ticks_now
 
 __all__ = [
     "ProcessTree",
@@ -45,19 +47,15 @@ __all__ = [
     "describe_exit",
     "is_subreaper",
     "signal_name",
+    "signal_processes",
 ]
 
 # <linux/prctl.h>
 _PR_SET_CHILD_SUBREAPER = 36
 _PR_GET_CHILD_SUBREAPER = 37
 
-#: psutil's create_time comes from /proc/PID/stat in clock ticks (1/100 s); two
-#: readings of the same process may differ by float rounding only.
-_CREATE_TIME_TOLERANCE_S = 0.01
 #: How often close() looks whether the processes it signalled are gone.
 _POLL_INTERVAL_S = 0.02
-
-_ProcKey = Tuple[int, float]
 
 
 def _prctl():
@@ -131,33 +129,14 @@ def describe_exit(returncode: int) -> str:
     return text
 
 
-def _process_table() -> Dict[int, Tuple[int, float]]:
-    """``{pid: (parent pid, create_time)}`` of every process, from one pass over /proc."""
-    table = {}
-    for proc in psutil.process_iter(["ppid", "create_time"]):
-        ppid, ctime = proc.info["ppid"], proc.info["create_time"]
-        if ppid is not None and ctime is not None:
-            table[proc.pid] = (ppid, ctime)
-    return table
-
-
-def _is_alive(proc: psutil.Process) -> bool:
-    """Running, sleeping or stopped -- not gone and not a zombie (zombies are dead)."""
+def _describe(identity: ProcessIdentity) -> Tuple[str, List[str]]:
     try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+        proc = psutil.Process(identity.pid)
+        name, cmdline = proc.name(), proc.cmdline()
     except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
-
-
-def _describe(proc: psutil.Process) -> Tuple[str, List[str]]:
-    try:
-        name = proc.name()
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        name = "?"
-    try:
-        cmdline = proc.cmdline()
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        cmdline = []
+        return "?", []
+    if not identity.exists():  # pid reused meanwhile: not what we describe
+        return "?", []
     return name, cmdline
 
 
@@ -198,13 +177,14 @@ class ProcessTree:
         self.env[self.marker] = "1"
         self._popen: Optional[subprocess.Popen] = None
         self.pid: int = 0
-        self.create_time: float = 0.0
-        #: Wall-clock time just before the launch process was started.
-        self.start_time: float = 0.0
-        # Every process ever seen as part of the tree, by (pid, create_time).
-        self._known: Dict[_ProcKey, psutil.Process] = {}
+        #: The launch process, by (pid, start ticks); None until started.
+        self.identity: Optional[ProcessIdentity] = None
+        #: Boot-relative clock ticks just before the launch process was started.
+        self.start_ticks: int = 0
+        # Every process ever seen as part of the tree.
+        self._known: Set[ProcessIdentity] = set()
         # Processes whose environment was read and lacks the marker.
-        self._unmarked: Set[_ProcKey] = set()
+        self._unmarked: Set[ProcessIdentity] = set()
         # close() reports a launch process that exited by itself once, not per call.
         self._launch_reported = False
 
@@ -214,7 +194,7 @@ class ProcessTree:
         """Start the launch process in a new session (its own process group)."""
         if self._popen is not None:
             raise RuntimeError(f"ProcessTree already started (launch pid {self.pid})")
-        self.start_time = time.time()
+        self.start_ticks = ticks_now()
         self._popen = subprocess.Popen(
             self.argv,
             env=self.env,
@@ -224,12 +204,10 @@ class ProcessTree:
             start_new_session=True,
         )
         self.pid = self._popen.pid
-        try:
-            proc = psutil.Process(self.pid)
-            self.create_time = proc.create_time()
-            self._known[(self.pid, self.create_time)] = proc
-        except psutil.NoSuchProcess:  # already exited and reaped: nothing to track
-            pass
+        # Our child: its pid cannot be reused before we reap it, so this is the launch process.
+        self.identity = ProcessIdentity.of(self.pid)
+        if self.identity is not None:
+            self._known.add(self.identity)
 
     def poll(self) -> Optional[int]:
         """The launch process's return code (negative: killed by that signal); None while running."""
@@ -252,27 +230,24 @@ class ProcessTree:
 
     # ------------------------------------------------------------------ members
 
-    def add_known(self, pid: int, create_time: float) -> None:
-        """Register a process of this tree (e.g. a worker pid from its heartbeat file).
+    def add_known(self, identity: ProcessIdentity) -> None:
+        """Register a process of this tree (e.g. a worker from its heartbeat file).
 
-        Ignored if ``pid`` is gone or is now a different process (pid reuse).
+        Ignored if it is gone already (or its pid now names another process).
         Like every member, it is reaped by :meth:`close` if it is our child: do not
         register a child whose ``Popen`` you still want to ``wait`` for (its return
         code would read 0).
         """
-        if any(k[0] == pid and abs(k[1] - create_time) <= _CREATE_TIME_TOLERANCE_S for k in self._known):
-            return  # every supervisor tick registers the workers again: keep that cheap
-        proc = self._lookup(pid, create_time)
-        if proc is not None:
-            self._known[(proc.pid, proc.create_time())] = proc
+        if identity not in self._known and identity.alive():
+            self._known.add(identity)
 
-    def members(self) -> List[psutil.Process]:
+    def members(self) -> List[ProcessIdentity]:
         """Every live process of this tree, the launch process first if alive.
 
         Live means not gone and not a zombie; stopped (SIGSTOP) processes are live.
         Every call refreshes the set of known processes, so call it regularly
         (each supervisor tick): a process seen once is found again by
-        ``(pid, create_time)`` after its parent died. Never includes this process.
+        ``(pid, start_ticks)`` after its parent died. Never includes this process.
 
         One pass over ``/proc`` per call (pid, parent, start time of every process),
         and each process's environment is read once in its life: a supervisor calls
@@ -280,79 +255,52 @@ class ProcessTree:
         """
         if self._popen is None:
             return []
-        table = _process_table()
-        found: Dict[_ProcKey, psutil.Process] = {}
-
-        def add(proc: psutil.Process) -> None:
-            if proc.pid == os.getpid():
-                return
-            try:
-                key = (proc.pid, proc.create_time())
-            except psutil.NoSuchProcess:
-                return
-            if key not in found and _is_alive(proc):
-                found[key] = proc
-
-        for proc in list(self._known.values()):
-            add(proc)
-        for proc in self._marked_processes(table):
-            add(proc)
+        table = process_table()
+        me = os.getpid()
+        found: Set[ProcessIdentity] = {i for i in self._known if i.pid != me and i.alive()}
+        found.update(self._marked_processes(table))
         # Descendants of everything found so far (the launch process's workers,
         # an orphaned worker's own children, ...).
-        children: Dict[int, List[int]] = {}
-        for pid, (ppid, _) in table.items():
-            children.setdefault(ppid, []).append(pid)
-        todo = [key[0] for key in found]
+        children: Dict[int, List[ProcessIdentity]] = {}
+        for identity, ppid in table.items():
+            children.setdefault(ppid, []).append(identity)
+        todo = [identity.pid for identity in found]
         while todo:
-            for pid in children.get(todo.pop(), ()):
-                try:
-                    child = psutil.Process(pid)
-                except psutil.NoSuchProcess:
-                    continue
-                before = len(found)
-                add(child)
-                if len(found) > before:
-                    todo.append(pid)
+            for child in children.get(todo.pop(), ()):
+                if child not in found and child.pid != me and child.alive():
+                    found.add(child)
+                    todo.append(child.pid)
         self._known.update(found)
         # Forget processes that are gone (zombies stay known until reaped so that
         # reap_orphans can recognise them).
-        for key, proc in list(self._known.items()):
-            if not proc.is_running():
-                del self._known[key]
-        self._unmarked = {key for key in self._unmarked if table.get(key[0], (0, None))[1] == key[1]}
-        ordered = sorted(found.values(), key=lambda p: (p.pid != self.pid, p.pid))
-        return ordered
+        self._known = {i for i in self._known if i.exists()}
+        self._unmarked = {i for i in self._unmarked if i in table}
+        return sorted(found, key=lambda i: (i.pid != self.pid, i.pid))
 
-    def _marked_processes(self, table: Dict[int, Tuple[int, float]]) -> List[psutil.Process]:
+    def _marked_processes(self, table: Dict[ProcessIdentity, int]) -> List[ProcessIdentity]:
         """Processes started after this tree whose environment carries its marker."""
         out = []
-        # create_time has clock-tick resolution; allow a little slack.
-        not_before = self.start_time - 1.0
+        # Start ticks have clock-tick resolution; allow a little slack.
+        not_before = self.start_ticks - TICKS_PER_S
         my_pid = os.getpid()
-        for pid, (_, ctime) in table.items():
-            if ctime < not_before or pid == my_pid or (pid, ctime) in self._unmarked:
+        for identity in table:
+            if identity.start_ticks < not_before or identity.pid == my_pid \
+                    or identity in self._unmarked or identity in self._known:
                 continue
             try:
-                proc = psutil.Process(pid)
-                if proc.environ().get(self.marker) == "1":
-                    out.append(proc)
-                else:  # an environment never gains the marker later: do not read it again
-                    self._unmarked.add((pid, ctime))
+                environ = psutil.Process(identity.pid).environ()
             except psutil.AccessDenied:  # another user's process: never ours, never readable
-                self._unmarked.add((pid, ctime))
+                self._unmarked.add(identity)
+                continue
             except (psutil.NoSuchProcess, psutil.ZombieProcess, OSError):
                 continue
+            if not identity.alive():  # the pid was reused while we looked
+                continue
+            if environ.get(self.marker) == "1":
+                out.append(identity)
+            else:  # an environment never gains the marker later: do not read it again
+                self._unmarked.add(identity)
         return out
-
-    @staticmethod
-    def _lookup(pid: int, create_time: float) -> Optional[psutil.Process]:
-        try:
-            proc = psutil.Process(int(pid))
-            if abs(proc.create_time() - float(create_time)) > _CREATE_TIME_TOLERANCE_S:
-                return None
-            return proc
-        except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
-            return None
 
     # --------------------------------------------------------------- reaping
 
@@ -369,15 +317,11 @@ class ProcessTree:
         """
         self.members()  # refresh: learn about live orphans before they die
         my_pid = os.getpid()
-        for (pid, _), proc in list(self._known.items()):
-            if pid == self.pid:
+        for identity in list(self._known):
+            if identity.pid == self.pid:
                 continue
-            try:
-                if proc.ppid() != my_pid or proc.status() != psutil.STATUS_ZOMBIE:
-                    continue
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-            self._waitpid_nohang(pid)
+            if identity.parent() == my_pid and not identity.alive():
+                self._waitpid_nohang(identity.pid)
 
     @staticmethod
     def _waitpid_nohang(pid: int) -> bool:
@@ -397,16 +341,18 @@ class ProcessTree:
     def close(self, term_timeout_s: float = 5.0, kill_timeout_s: float = 5.0) -> List[dict]:
         """Stop every member: SIGTERM (+ SIGCONT), wait ``term_timeout_s``, SIGKILL, reap.
 
-        Each member and its process group get SIGTERM (``os.killpg``; never our own
-        group), then SIGCONT, so that a stopped (SIGSTOPped) process wakes up and
-        handles its pending SIGTERM instead of sitting out the whole timeout.
-        (Without a handler SIGTERM kills even a stopped process; with one it stays
-        pending until SIGCONT. SIGKILL works on stopped processes regardless.)
+        Each member gets SIGTERM and then SIGCONT, so that a stopped (SIGSTOPped)
+        process wakes up and handles its pending SIGTERM instead of sitting out the
+        whole timeout. (Without a handler SIGTERM kills even a stopped process; with
+        one it stays pending until SIGCONT. SIGKILL works on stopped processes
+        regardless.) Signals go to the members themselves, by pidfd
+        (:class:`ProcessIdentity`), never to a process group: a group id is a number
+        that may be freed and reused by another session between two signals.
         Survivors after ``term_timeout_s`` get SIGKILL. New members that appear
         while tearing down (a launcher restarting a worker) get the same treatment.
 
         Returns one dict per process handled in this call: ``pid``,
-        ``create_time``, ``name``, ``cmdline``, ``how`` -- ``"exited"`` (gone before
+        ``start_ticks``, ``name``, ``cmdline``, ``how`` -- ``"exited"`` (gone before
         any signal), ``"SIGTERM"`` (gone after SIGTERM), ``"SIGKILL"`` or, only if
         a process survives SIGKILL for ``kill_timeout_s`` (uninterruptible sleep
         in the kernel), ``"unkillable"``. The launch process's return code stays
@@ -415,26 +361,24 @@ class ProcessTree:
         """
         if self._popen is None:
             return []
-        report: Dict[_ProcKey, dict] = {}
-        signalled: Set[_ProcKey] = set()
+        report: Dict[ProcessIdentity, dict] = {}
         # New members can appear during teardown; a few rounds catch them.
         for _ in range(5):
             pending = self._new_targets(report)
             if not pending:
                 break
-            self._signal_all(pending, signal.SIGTERM, also_cont=True)
-            signalled.update(pending)
-            for key in pending:
-                report[key]["how"] = "SIGTERM"
+            signal_processes(pending, signal.SIGTERM, signal.SIGCONT)
+            for identity in pending:
+                report[identity]["how"] = "SIGTERM"
             survivors = self._wait_gone(pending, term_timeout_s)
             if survivors:
-                self._signal_all(survivors, signal.SIGKILL)
-                for key in survivors:
-                    report[key]["how"] = "SIGKILL"
-                for key in self._wait_gone(survivors, kill_timeout_s):
-                    report[key]["how"] = "unkillable"
+                signal_processes(survivors, signal.SIGKILL)
+                for identity in survivors:
+                    report[identity]["how"] = "SIGKILL"
+                for identity in self._wait_gone(survivors, kill_timeout_s):
+                    report[identity]["how"] = "unkillable"
                     print(
-                        f"paddlerun: pid {key[0]} ({report[key]['name']}) survived SIGKILL "
+                        f"paddlerun: pid {identity.pid} ({report[identity]['name']}) survived SIGKILL "
                         f"for {kill_timeout_s:.1f} s (uninterruptible sleep?)",
                         file=sys.stderr,
                     )
@@ -445,86 +389,50 @@ class ProcessTree:
             except subprocess.TimeoutExpired:
                 pass
         self.reap_orphans()
-        self._known = {k: p for k, p in self._known.items() if _is_alive(p)}
+        self._known = {i for i in self._known if i.alive()}
         return list(report.values())
 
-    def _new_targets(self, report: Dict[_ProcKey, dict]) -> Dict[_ProcKey, psutil.Process]:
+    def _new_targets(self, report: Dict[ProcessIdentity, dict]) -> List[ProcessIdentity]:
         """Members not handled yet; also notes the launch process if it already exited."""
-        if not self._launch_reported and self._popen.poll() is not None and self.create_time:
+        if not self._launch_reported and self._popen.poll() is not None and self.identity:
             self._launch_reported = True
-            key = (self.pid, self.create_time)
-            report[key] = {
-                "pid": self.pid, "create_time": self.create_time,
+            report[self.identity] = {
+                "pid": self.pid, "start_ticks": self.identity.start_ticks,
                 "name": os.path.basename(self.argv[0]), "cmdline": list(self.argv),
                 "how": "exited",
             }
-        pending: Dict[_ProcKey, psutil.Process] = {}
-        for proc in self.members():
-            try:
-                key = (proc.pid, proc.create_time())
-            except psutil.NoSuchProcess:
+        pending: List[ProcessIdentity] = []
+        for identity in self.members():
+            if identity in report:
                 continue
-            if key in report:
-                continue
-            if proc.pid == self.pid:
+            if identity.pid == self.pid:
                 self._launch_reported = True
-            name, cmdline = _describe(proc)
-            report[key] = {"pid": proc.pid, "create_time": key[1], "name": name,
-                           "cmdline": cmdline, "how": "exited"}
-            pending[key] = proc
+            name, cmdline = _describe(identity)
+            report[identity] = {"pid": identity.pid, "start_ticks": identity.start_ticks,
+                                "name": name, "cmdline": cmdline, "how": "exited"}
+            pending.append(identity)
         return pending
 
-    def _signal_all(self, procs: Dict[_ProcKey, psutil.Process], sig: int,
-                    also_cont: bool = False) -> None:
-        own_group = os.getpgrp()
-        groups: Set[int] = set()
-        for proc in procs.values():
-            try:
-                pgid = os.getpgid(proc.pid)
-                if not proc.is_running():  # pid reused since members() saw it
-                    continue
-            except (ProcessLookupError, PermissionError):
-                pgid = None
-            if pgid is not None and pgid > 1 and pgid != own_group:
-                groups.add(pgid)
-        sigs = [sig, signal.SIGCONT] if also_cont else [sig]
-        for s in sigs:
-            for pgid in groups:
-                try:
-                    os.killpg(pgid, s)
-                except (ProcessLookupError, PermissionError):
-                    pass
-            for proc in procs.values():
-                try:
-                    # psutil checks (pid, create_time) first: never a reused pid.
-                    proc.send_signal(s)
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    pass
-
-    def _wait_gone(self, procs: Dict[_ProcKey, psutil.Process],
-                   timeout_s: float) -> Dict[_ProcKey, psutil.Process]:
-        """Wait until every process in ``procs`` is gone or a zombie; return the rest.
+    def _wait_gone(self, identities: Iterable[ProcessIdentity],
+                   timeout_s: float) -> List[ProcessIdentity]:
+        """Wait until every one of ``identities`` is gone or a zombie; return the rest.
 
         Reaps our own children on the way, except the launch process, which is
         left to ``Popen`` (poll) so that its return code is kept.
         """
-        remaining = dict(procs)
+        remaining = list(identities)
         deadline = time.monotonic() + max(0.0, timeout_s)
         my_pid = os.getpid()
         while True:
-            for key, proc in list(remaining.items()):
-                if key[0] == self.pid:
+            for identity in list(remaining):
+                if identity.pid == self.pid:
                     if self._popen.poll() is not None:
-                        del remaining[key]
+                        remaining.remove(identity)
                         continue
-                else:
-                    try:
-                        if proc.ppid() == my_pid:
-                            self._waitpid_nohang(proc.pid)
-                    except (psutil.NoSuchProcess, psutil.AccessDenied):
-                        pass
-                if not _is_alive(proc):
-                    del remaining[key]
+                elif identity.parent() == my_pid:
+                    self._waitpid_nohang(identity.pid)
+                if not identity.alive():
+                    remaining.remove(identity)
             if not remaining or time.monotonic() >= deadline:
                 return remaining
             time.sleep(_POLL_INTERVAL_S)
@@ -533,3 +441,19 @@ class ProcessTree:
         state = "not started" if self._popen is None else (
             "running" if self.poll() is None else describe_exit(self.poll()))
         return f"ProcessTree(pid={self.pid}, {state}, argv={self.argv[:3]}...)"
+
+
+def signal_processes(identities: Iterable[ProcessIdentity], *signals: int) -> None:
+    """Send each of ``signals``, in order, to each process that is still the one named.
+
+    One pidfd per process is held across all the signals: a SIGCONT after a SIGTERM
+    reaches the same process or none, even if the pid is freed and reused in between.
+    """
+    handles = [h for h in (i.open() for i in identities) if h is not None]
+    try:
+        for sig in signals:
+            for handle in handles:
+                handle.send_signal(sig)
+    finally:
+        for handle in handles:
+            handle.close()

@@ -12,6 +12,9 @@ from paddlerun.trainer.config import SupervisorConfig
 #: Consecutive attempts that fail the same way before their first step: the fault is
 #: in the job (a bad import, a broken install), not the machine; restarting won't help.
 NO_PROGRESS_LIMIT = 2
+#: The error a worker reports when another live process holds the checkpoint directory's
+#: writer claim (trainer/checkpoint/errors.py).
+WRITER_BUSY = "WriterBusyError"
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,8 @@ class Failure:
     retriable: bool = True
     #: Whether the attempt completed any training step.
     progressed: bool = True
+    #: The class name of the worker's exception, when the cause is one (its error file).
+    error_type: Optional[str] = None
 
     @property
     def signature(self) -> str:
@@ -53,6 +58,11 @@ class RestartPolicy:
         c = self.config
         if not last.retriable:
             return Decision(False, reason=f"not retriable: {last.cause}")
+        if last.error_type == WRITER_BUSY:
+            # Another live job holds the checkpoint directory (this run's own leftovers were
+            # stopped before the first attempt): a restart would only be refused again.
+            return Decision(False, reason=f"the checkpoint directory belongs to another job: "
+                                          f"{last.cause}")
         if len(failures) > c.max_restarts:
             return Decision(False, reason=f"restart budget spent: {len(failures)} failures, "
                                           f"supervisor.max_restarts={c.max_restarts}")

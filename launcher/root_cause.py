@@ -48,7 +48,8 @@ def diagnose(kind: str, run_dir: Path, attempt: int, log_dir: Path, beats: Mappi
     def from_error(e: dict) -> Failure:
         return Failure(attempt, now, "error", f"{e['type']}: {e['message']}", rank=e["rank"],
                        pid=e.get("pid"), host=e.get("host"), detail=e.get("traceback", ""),
-                       retriable=e.get("retriable", True), progressed=progressed)
+                       retriable=e.get("retriable", True), progressed=progressed,
+                       error_type=e.get("type"))
 
     def from_rank(kind: str, rank: int, cause: str) -> Failure:
         hb = beats.get(rank)

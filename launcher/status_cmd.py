@@ -27,13 +27,12 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import psutil
-
 from paddlerun.launcher import render
 from paddlerun.launcher.usage import UsageError
 from paddlerun.launcher.exit_codes import SUCCESS
 from paddlerun.trainer.events import read_events
 from paddlerun.trainer.heartbeat import read_heartbeats
+from paddlerun.trainer.process_identity import ProcessIdentity
 
 #: The supervisor's state after each event it writes (launcher/supervisor.py); the other
 #: events (``teardown``, the workers' ``snapshot_committed``) do not change it.
@@ -52,9 +51,6 @@ _RUN_DIR_ENTRIES = ("events.jsonl", "supervisor.json", "config.yaml", "heartbeat
                     "metrics.jsonl", "summary.json", "logs")
 #: How much of the end of metrics.jsonl is read for its last lines.
 _TAIL_BYTES = 256 << 10
-#: A supervisor records its start a moment after its process starts; a process that
-#: started later than this after the record is another one that got the same pid.
-_START_SLACK_S = 1.0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -120,7 +116,7 @@ def last_state(events: List[dict]) -> tuple:
 
 
 def supervisor_record(run_dir: Path) -> Optional[Dict[str, Any]]:
-    """``supervisor.json`` ({host, pid, started}) and whether that process still lives."""
+    """``supervisor.json`` ({host, pid, start_ticks, started}) and whether that process still lives."""
     try:
         record = json.loads((run_dir / "supervisor.json").read_text())
     except (OSError, ValueError):
@@ -129,26 +125,21 @@ def supervisor_record(run_dir: Path) -> Optional[Dict[str, Any]]:
         return None
     host, pid, started = record.get("host"), record.get("pid"), record.get("started")
     return {"host": host, "pid": pid, "started": started,
-            "alive": process_alive(host, pid, started)}
+            "alive": process_alive(host, pid, record.get("start_ticks"))}
 
 
-def process_alive(host: Any, pid: Any, started: Any) -> Optional[bool]:
+def process_alive(host: Any, pid: Any, start_ticks: Any) -> Optional[bool]:
     """True / False for a process on this host; None when it cannot be told (another
-    host, no permission to look)."""
-    if host != socket.gethostname() or not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+    host; a record without start ticks, from an older paddlerun, whose pid is in use)."""
+    def whole(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    if host != socket.gethostname() or not whole(pid) or pid == 0:
         return None
-    try:
-        proc = psutil.Process(pid)
-        created, status = proc.create_time(), proc.status()
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.Error:
-        return None
-    if status == psutil.STATUS_ZOMBIE:
-        return False
-    if isinstance(started, (int, float)) and created > started + _START_SLACK_S:
-        return False  # the pid was reused by a process started after the record
-    return True
+    if whole(start_ticks):
+        return ProcessIdentity(pid, start_ticks).alive()
+    current = ProcessIdentity.of(pid)
+    return None if current is not None and current.alive() else False
 
 
 def last_failure(events: List[dict]) -> Optional[Dict[str, Any]]:
@@ -180,16 +171,7 @@ def pending_notice(events: List[dict]) -> Optional[Dict[str, Any]]:
 
 
 def rank_status(hb, now: float) -> Dict[str, Any]:
-    alive = None
-    if hb.host == socket.gethostname():
-        try:
-            proc = psutil.Process(hb.pid)
-            alive = abs(proc.create_time() - hb.create_time) < 0.01 and \
-                proc.status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            alive = False
-        except psutil.Error:
-            alive = None
+    alive = hb.identity.alive() if hb.host == socket.gethostname() else None
     return {"rank": hb.rank, "pid": hb.pid, "host": hb.host, "attempt": hb.attempt, "step": hb.step,
             "phase": hb.phase, "heartbeat_age_s": hb.age(now), "progress_age_s": hb.progress_age(now),
             "alive": alive}

@@ -18,21 +18,23 @@ from enum import Enum
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-import psutil
 from filelock import FileLock, Timeout
 
 from paddlerun.launcher import exit_codes, root_cause
 from paddlerun.launcher.console_log import LaunchLogForwarder, unshown_lines
 from paddlerun.launcher.exit_watch import ExitWatch
 from paddlerun.launcher.launch import LaunchSpec
+from paddlerun.launcher.leftovers import find_leftovers, stop_leftovers
 from paddlerun.launcher.process_tree import ProcessTree, become_subreaper
 from paddlerun.launcher.restart_policy import Failure, RestartPolicy
 from paddlerun.launcher.spot_watch import SpotWatch, resolve_provider
 from paddlerun.trainer import control
+from paddlerun.trainer.checkpoint import CheckpointStore
 from paddlerun.trainer.config import dump_config
 from paddlerun.trainer.events import EventLog
 from paddlerun.trainer.heartbeat import clear_heartbeats, read_heartbeats, stale_ranks
 from paddlerun.trainer.metrics import write_json_atomic
+from paddlerun.trainer.process_identity import ProcessIdentity
 
 log = logging.getLogger("paddlerun.supervisor")
 
@@ -84,6 +86,9 @@ POLL_S = 0.1
 TREE_SCAN_S = 30.0
 #: SIGTERM -> SIGKILL grace when tearing a failed attempt down.
 TEARDOWN_TERM_S = 5.0
+#: The same, when preempted with nothing to save: a worker ignores SIGTERM until its next
+#: agreement point, which a rendezvous or a restore may be far from.
+NOTHING_TO_SAVE_TERM_S = 0.5
 #: After a worker died: how long paddle's launcher gets to stop the others itself (it
 #: SIGTERMs them ~1 s after the death and SIGKILLs 3 s later; docs/paddle-behaviour.md#the-launcher).
 LAUNCH_EXIT_GRACE_S = 6.0
@@ -126,6 +131,7 @@ class Supervisor:
         except RunDirBusy as e:
             print(f"paddlerun: {e}", file=sys.stderr)
             return exit_codes.BAD_CONFIG
+        self._stop_leftovers()
         become_subreaper()
         previous = self._install_signal_handlers()
         self.exits.wake_on_signals()
@@ -171,11 +177,25 @@ class Supervisor:
             raise RunDirBusy(f"run directory {self.run_dir} is in use by another supervisor "
                              f"({owner.strip()}); stop it or pick another --run-dir") from None
         write_json_atomic(owner_file, {"host": socket.gethostname(), "pid": os.getpid(),
+                                       "start_ticks": ProcessIdentity.me().start_ticks,
                                        "started": time.time()})
         dump_config(self.config, self.run_dir / "config.yaml")
         self.events = EventLog(self.run_dir / "events.jsonl")
         self.attempt = self.first_attempt = next_attempt_number(self.run_dir)
         control.clear(self.run_dir)
+
+    def _stop_leftovers(self) -> None:
+        """Stop what an earlier supervisor of this run directory left running (it was killed)."""
+        left = find_leftovers(self.run_dir)
+        if not left:
+            return
+        pids = ", ".join(str(i.pid) for i in left)
+        print(f"paddlerun: {len(left)} process(es) of an earlier supervisor of {self.run_dir} "
+              f"still run (pids {pids}; that supervisor is gone): stopping them first",
+              file=sys.stderr)
+        killed = stop_leftovers(left, TEARDOWN_TERM_S)
+        self._emit("leftovers_stopped", pids=[i.pid for i in left],
+                   sigkilled=[i.pid for i in killed])
 
     def _start(self) -> State:
         clear_heartbeats(self.run_dir / "heartbeats")
@@ -186,7 +206,8 @@ class Supervisor:
         self.console.follow(log_dir / "launch.log", launch_log.tell())
         argv = self.spec.argv(self.attempt)
         env = self.spec.env(self.attempt, restarts=len(self.failures),
-                            tty=self.stream.isatty() if hasattr(self.stream, "isatty") else False)
+                            tty=self.stream.isatty() if hasattr(self.stream, "isatty") else False,
+                            supervisor=ProcessIdentity.me())
         self.tree = ProcessTree(argv, env=env, stdout=launch_log, stderr=launch_log)
         self._dead.clear()
         try:
@@ -199,7 +220,8 @@ class Supervisor:
             launch_log.close()
         self.attempt_started = time.time()
         self.exits.forget()  # the last attempt's processes; the signal wake-up stays
-        self.exits.watch(self.tree.pid)
+        if self.tree.identity is not None:
+            self.exits.watch(self.tree.identity)
         self._emit("started", pid=self.tree.pid, nproc_per_node=self.spec.nproc_per_node,
                    restarts=len(self.failures), argv=argv)
         log.info("attempt %d started (launch pid %d, %d workers)", self.attempt, self.tree.pid,
@@ -219,8 +241,8 @@ class Supervisor:
             beats = read_heartbeats(hb_dir, attempt=self.attempt)
             local = {r: hb for r, hb in beats.items() if hb.host == self.host}
             for hb in local.values():
-                self.tree.add_known(hb.pid, hb.create_time)
-                self.exits.watch(hb.pid, hb.create_time)
+                self.tree.add_known(hb.identity)
+                self.exits.watch(hb.identity)
             if now - scanned_at >= TREE_SCAN_S:
                 self.tree.reap_orphans()
                 scanned_at = now
@@ -301,13 +323,29 @@ class Supervisor:
         return State.STARTING
 
     def _preempt(self) -> State:
-        """Ask the workers for a snapshot, give them the grace period, then stop everything."""
+        """Ask the workers for a snapshot, give them the grace period, then stop everything.
+
+        When no worker has trained since the newest snapshot (start-up, a rendezvous waiting
+        for a peer, restoring), a snapshot would add nothing: stop at once instead of
+        letting a scheduler's own grace period (Kubernetes: 30 s) run out first.
+        """
         reason = self._stop_reason()
         grace = self.config.supervisor.preempt_grace_s
         if not self.signals:  # the cloud's notice: the machine goes at its deadline
             grace = min(grace, max(self.spot.notice.deadline - time.time(), 1.0))
         self._emit("preempt_requested", reason=reason, grace_s=grace,
                    **({"signal": reason} if self.signals else {}))
+        nothing = self._nothing_to_save()
+        if nothing is not None:
+            log.info("%s: %s: stopping at once", reason, nothing)
+            self.tree.close(NOTHING_TO_SAVE_TERM_S)
+            self._teardown("preempted")
+            self._emit("preempted", reason=reason, clean=True,
+                       **({"signal": reason} if self.signals else {}),
+                       how=f"nothing to save: {nothing}")
+            if self.spot is not None and self.spot.notice is not None:
+                self.spot.acknowledge()
+            return State.PREEMPTED
         log.info("%s: asking the workers for a snapshot (grace %.0f s; signal again to stop at once)",
                  reason, grace)
         control.request_stop(self.run_dir, reason=reason)
@@ -347,6 +385,22 @@ class Supervisor:
         return time.time() >= self._spot_stop_at
 
     # ------------------------------------------------------------ helpers
+
+    def _nothing_to_save(self) -> Optional[str]:
+        """Why a snapshot now would save nothing, by the heartbeats of this attempt; None when
+        some rank may have trained since the newest complete snapshot: its step is past the
+        snapshot's, or it has left phase ``init`` (start-up, rendezvous, restore), so that it
+        may have trained steps its file (written every heartbeat interval) does not show yet."""
+        beats = read_heartbeats(self.run_dir / "heartbeats", attempt=self.attempt)
+        directory = self.config.checkpoint.dir or self.run_dir / "checkpoints"
+        newest = CheckpointStore(directory).newest_complete(verify=False)
+        newest_step = newest.step if newest is not None else 0
+        if any(hb.phase != "init" or hb.step > newest_step for hb in beats.values()):
+            return None
+        where = f"the newest snapshot (step {newest_step})" if newest else "the start (no snapshot yet)"
+        if not beats:
+            return f"no worker has sent a heartbeat yet; training would start from {where}"
+        return f"no worker has trained since {where}"
 
     def _wait_for_workers_to_exit(self, timeout_s: float) -> None:
         """Until the launch process or every local worker has exited (or ``timeout_s``).
@@ -450,14 +504,10 @@ def dead_ranks(beats) -> Dict[int, Optional[int]]:
     for rank, hb in beats.items():
         if hb.ended:
             continue
-        try:
-            proc = psutil.Process(hb.pid)
-            if abs(proc.create_time() - hb.create_time) >= 0.01:
-                dead[rank] = None  # the pid was reused: the worker is long gone
-            elif proc.status() == psutil.STATUS_ZOMBIE:
-                dead[rank] = zombie_returncode(hb.pid)
-        except psutil.Error:
-            dead[rank] = None
+        if not hb.identity.exists():
+            dead[rank] = None  # gone (or its pid reused): its exit status is lost
+        elif not hb.identity.alive():
+            dead[rank] = zombie_returncode(hb.pid)
     return dead
 
 

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from paddlerun.launcher.exit_watch import ExitWatch
+from paddlerun.trainer.process_identity import ProcessIdentity
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="no pidfds on this system")
 
@@ -19,8 +20,8 @@ def test_an_exit_wakes_it_at_once_and_the_next_sleep_is_a_sleep_again():
     quick, slow = sleeper(0.3), sleeper(60)
     watch = ExitWatch(fallback_s=0.1)
     try:
-        watch.watch(quick.pid)
-        watch.watch(slow.pid)
+        watch.watch(ProcessIdentity.of(quick.pid))
+        watch.watch(ProcessIdentity.of(slow.pid))
         started = time.monotonic()
         assert watch.sleep(30) is True
         assert 0.2 < time.monotonic() - started < 10, "woken by the exit, not the timeout"
@@ -39,7 +40,7 @@ def test_a_process_gone_before_it_is_watched_is_left_to_the_callers_checks():
     gone.wait(timeout=30)
     pid = gone.pid  # reaped: no such process any more (unless reused, which is harmless)
     watch = ExitWatch(fallback_s=0.1)
-    watch.watch(pid)
+    watch.watch(ProcessIdentity(pid, 0))
     assert watch.supported, "a gone process is no reason to stop using pidfds"
     started = time.monotonic()
     assert watch.sleep(0.3) is False
@@ -52,7 +53,7 @@ def test_without_pidfds_it_wakes_every_fallback_period():
     watch = ExitWatch(fallback_s=0.05)
     watch.supported = False
     try:
-        watch.watch(proc.pid)
+        watch.watch(ProcessIdentity.of(proc.pid))
         started = time.monotonic()
         assert watch.sleep(10) is False
         assert time.monotonic() - started < 1
@@ -76,7 +77,7 @@ def test_a_signal_ends_the_sleep_at_once_and_close_restores_the_wakeup_fd():
     try:
         watch.wake_on_signals()
         watch.forget()  # as the supervisor does at every attempt's start
-        watch.watch(proc.pid)
+        watch.watch(ProcessIdentity.of(proc.pid))
         timer.start()
         started = time.monotonic()
         assert watch.sleep(30) is False  # woken, but no watched process exited

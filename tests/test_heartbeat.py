@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from paddlerun.trainer.heartbeat import (
+    SUPERVISOR_GONE_EXIT_CODE,
     Heartbeat,
     HeartbeatWriter,
     clear_heartbeats,
@@ -21,6 +22,7 @@ from paddlerun.trainer.heartbeat import (
     read_heartbeats,
     stale_ranks,
 )
+from paddlerun.trainer.process_identity import ProcessIdentity
 
 INTERVAL = 0.1
 HANG = 1.0
@@ -90,7 +92,7 @@ def test_sigstopped_writer_goes_stale_and_sigcont_revives_it(writer_process):
     beats, stale = check(directory)
     assert stale == {}
     assert beats[0].pid == proc.pid and beats[0].attempt == 1 and beats[0].phase == "train"
-    assert beats[0].create_time == psutil.Process(proc.pid).create_time()
+    assert beats[0].identity == ProcessIdentity.of(proc.pid)
 
     proc.send_signal(signal.SIGSTOP)
     t_stop = time.time()
@@ -210,7 +212,7 @@ def test_read_heartbeats_skips_invalid_files(tmp_path):
 
 
 def _hb(**kw) -> Heartbeat:
-    fields = dict(rank=0, pid=123, create_time=1.0, step=40, time=1000.0, step_time=1000.0,
+    fields = dict(rank=0, pid=123, start_ticks=1, step=40, time=1000.0, step_time=1000.0,
                   attempt=0, host="node1", phase="train")
     fields.update(kw)
     return Heartbeat(**fields)
@@ -244,20 +246,20 @@ def test_lowest_live_rank(tmp_path):
     me = read_heartbeats(directory)[2]
     peer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
-        peer_ct = psutil.Process(peer.pid).create_time()
+        peer_ticks = ProcessIdentity.of(peer.pid).start_ticks
 
         def put(rank, **kw):
             fields = {**me.__dict__, "rank": rank, **kw}
             heartbeat_path(directory, rank).write_text(json.dumps(fields))
 
         assert lowest_live_rank(directory, 2) == 2
-        put(1, pid=peer.pid, create_time=peer_ct)            # a live peer on this host
+        put(1, pid=peer.pid, start_ticks=peer_ticks)          # a live peer on this host
         assert lowest_live_rank(directory, 2) == 1
-        put(0, pid=peer.pid, create_time=peer_ct + 3.0)      # pid reused: not rank 0's
+        put(0, pid=peer.pid, start_ticks=peer_ticks + 3)      # pid reused: not rank 0's
         assert lowest_live_rank(directory, 2) == 1
-        put(0, pid=peer.pid, create_time=peer_ct, phase="done")
+        put(0, pid=peer.pid, start_ticks=peer_ticks, phase="done")
         assert lowest_live_rank(directory, 2) == 1
-        put(0, pid=peer.pid, create_time=peer_ct, attempt=0)  # an older attempt's file
+        put(0, pid=peer.pid, start_ticks=peer_ticks, attempt=0)  # an older attempt's file
         assert lowest_live_rank(directory, 2) == 1
         put(0, host="elsewhere", time=time.time())           # remote: fresh file counts
         assert lowest_live_rank(directory, 2) == 0
@@ -276,3 +278,29 @@ def test_lowest_live_rank(tmp_path):
 def test_writer_rejects_bad_interval(tmp_path):
     with pytest.raises(ValueError, match="interval_s"):
         HeartbeatWriter(tmp_path, rank=0, interval_s=0)
+
+
+def test_a_writer_whose_supervisor_is_gone_exits_its_process(tmp_path):
+    """The worker side of a SIGKILLed supervisor: its heartbeat thread ends the process."""
+    supervisor = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    identity = ProcessIdentity.of(supervisor.pid)
+    worker = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from paddlerun.trainer.heartbeat import HeartbeatWriter\n"
+         "from paddlerun.trainer.process_identity import ProcessIdentity\n"
+         f"HeartbeatWriter(sys.argv[1], 0, 0.1, supervisor=ProcessIdentity.parse({str(identity)!r})).start()\n"
+         "print('training', flush=True)\n"
+         "while True: time.sleep(0.01)  # the main thread never looks\n",
+         str(tmp_path / "hb")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert worker.stdout.readline().strip() == "training"
+        time.sleep(0.5)
+        assert worker.poll() is None, "its supervisor lives: it trains on"
+        supervisor.kill()
+        supervisor.wait(timeout=10)
+        assert worker.wait(timeout=10) == SUPERVISOR_GONE_EXIT_CODE
+        assert f"its supervisor, pid {supervisor.pid}, is gone" in worker.stderr.read()
+    finally:
+        for proc in (worker, supervisor):
+            proc.kill()
+            proc.wait(timeout=10)

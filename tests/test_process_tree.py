@@ -4,7 +4,7 @@ A fake ``paddle.distributed.launch`` (FAKE_LAUNCH, written to tmp_path) starts t
 "workers" with ``start_new_session=True`` -- each its own session and process group,
 as paddle does -- writes their pids to a file and waits like paddle: when a worker
 exits non-zero it SIGTERMs the others' groups and exits 1. Every test checks, by
-``(pid, create_time)``, that nothing it started survives.
+``(pid, start_ticks)``, that nothing it started survives.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import time
 import psutil
 import pytest
 
+from paddlerun.trainer.process_identity import ProcessIdentity
 from paddlerun.launcher.process_tree import (
     ProcessTree,
     become_subreaper,
@@ -29,7 +30,7 @@ from paddlerun.launcher.process_tree import (
 
 FAKE_LAUNCH = r'''
 import json, os, signal, subprocess, sys, time
-import psutil
+from paddlerun.trainer.process_identity import ProcessIdentity
 
 pidfile, worker_mode, exit_code = sys.argv[1], sys.argv[2], int(sys.argv[3])
 WORKER = r"""
@@ -59,8 +60,8 @@ while not all(os.path.exists(f"{pidfile}.flag{i}.ready") for i in range(2)):
     if time.monotonic() > deadline:
         sys.exit("workers never got ready")
     time.sleep(0.01)
-info = {"launch": [os.getpid(), psutil.Process().create_time()],
-        "workers": [[w.pid, psutil.Process(w.pid).create_time()] for w in workers]}
+info = {"launch": [os.getpid(), ProcessIdentity.me().start_ticks],
+        "workers": [[w.pid, ProcessIdentity.of(w.pid).start_ticks] for w in workers]}
 with open(pidfile + ".tmp", "w") as f:
     json.dump(info, f)
 os.replace(pidfile + ".tmp", pidfile)
@@ -96,13 +97,8 @@ def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.02):
         time.sleep(interval_s)
 
 
-def alive(pid: int, create_time: float) -> bool:
-    try:
-        proc = psutil.Process(pid)
-        return (abs(proc.create_time() - create_time) < 0.01
-                and proc.status() != psutil.STATUS_ZOMBIE)
-    except psutil.NoSuchProcess:
-        return False
+def alive(pid: int, start_ticks: int) -> bool:
+    return ProcessIdentity(pid, start_ticks).alive()
 
 
 def assert_all_dead(pairs, timeout_s: float = 5.0) -> None:
@@ -197,7 +193,7 @@ def test_signal_name_and_describe_exit():
 def test_exit_code_propagates(fake_launch):
     tree, pidfile = fake_launch(worker_mode="exit0", exit_code=3)
     tree.start()
-    assert tree.pid > 0 and tree.create_time > 0
+    assert tree.pid > 0 and tree.identity == ProcessIdentity.of(tree.pid)
     info = read_pids(pidfile)
     assert wait_for(lambda: tree.poll() is not None, 10.0, "launch exit")
     assert tree.poll() == 3
@@ -226,7 +222,7 @@ def test_killed_worker_shows_in_members_and_poll(fake_launch):
     assert tree.poll() == 1
     assert wait_for(lambda: tree.members() == [], 5.0, "no members")
     assert tree.close(term_timeout_s=1.0) == [
-        {"pid": tree.pid, "create_time": tree.create_time,
+        {"pid": tree.pid, "start_ticks": tree.identity.start_ticks,
          "name": os.path.basename(sys.executable), "cmdline": tree.argv, "how": "exited"}]
     assert_all_dead([info["launch"], *workers])
 
@@ -314,17 +310,17 @@ def test_add_known_process_is_a_member_and_gets_closed(fake_launch, tmp_path):
     out = subprocess.run([sys.executable, "-c", spawn], env=env, capture_output=True,
                          text=True, timeout=10, check=True)
     stray_pid = int(out.stdout)
-    key = (stray_pid, psutil.Process(stray_pid).create_time())
+    key = ProcessIdentity.of(stray_pid)
     try:
         assert stray_pid not in {p.pid for p in tree.members()}
-        tree.add_known(stray_pid, key[1] + 5.0)  # wrong create_time: a reused pid, ignored
+        tree.add_known(ProcessIdentity(stray_pid, key.start_ticks + 5))  # another start: a reused pid, ignored
         assert stray_pid not in {p.pid for p in tree.members()}
-        tree.add_known(*key)
+        tree.add_known(key)
         assert stray_pid in {p.pid for p in tree.members()}
         report = tree.close(term_timeout_s=2.0)
         assert {r["pid"]: r["how"] for r in report}[stray_pid] == "SIGTERM"
     finally:
-        assert_all_dead([key])
+        assert_all_dead([(key.pid, key.start_ticks)])
 
 
 OWNER = r"""
@@ -441,3 +437,34 @@ def test_owner_without_subreaper_still_finds_and_kills_orphans(tmp_path):
     finally:
         if info:
             assert_all_dead([info["launch"], *info["workers"]])
+
+
+def test_close_signals_members_never_their_process_group(fake_launch):
+    """A member's process group number may hold processes that are not the tree's (a group
+    id freed and reused by another session): teardown signals members by pid, never a group."""
+    tree, _ = fake_launch(worker_mode="exit0", exit_code=0)
+    tree.start()
+    # Another session: its leader and a bystander child stay out of the tree; a second
+    # child, in the same process group, is registered like a worker from a heartbeat.
+    env = {k: v for k, v in os.environ.items() if k != tree.marker}
+    session = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent("""
+            import subprocess, sys, time
+            kids = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+                    for _ in range(2)]
+            print(kids[0].pid, kids[1].pid, flush=True)
+            time.sleep(60)
+        """)], env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        member_pid, bystander_pid = map(int, session.stdout.readline().split())
+        assert os.getpgid(member_pid) == os.getpgid(bystander_pid) == session.pid
+        member = ProcessIdentity.of(member_pid)
+        tree.add_known(member)
+        report = tree.close(term_timeout_s=2.0)
+        assert {r["pid"]: r["how"] for r in report}[member_pid] == "SIGTERM"
+        assert_all_dead([(member.pid, member.start_ticks)])
+        assert ProcessIdentity.of(bystander_pid).alive(), "a process of the group that is not ours"
+        assert session.poll() is None, "the group's leader, not ours either"
+    finally:
+        os.killpg(session.pid, signal.SIGKILL)
+        session.wait(timeout=10)

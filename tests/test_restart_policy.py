@@ -59,3 +59,17 @@ def test_two_attempts_failing_alike_before_their_first_step_give_up():
 def test_a_fault_no_restart_can_fix_gives_up_at_once():
     d = decide(failure(0, retriable=False, cause="bad config"))
     assert not d.restart and "not retriable" in d.reason
+
+
+def test_a_busy_checkpoint_directory_is_not_retried():
+    """Another job holds the writer claim: a restart would only be refused again (and, at the
+    budget's end, report the same thing several restarts later)."""
+    busy = dataclasses.replace(
+        failure(10, kind="error", cause="WriterBusyError: checkpoint directory /ck is already being "
+                                        "written by another job: host h, pid 7"),
+        error_type="WriterBusyError")
+    d = decide(busy)
+    assert not d.restart
+    assert d.reason.startswith("the checkpoint directory belongs to another job: WriterBusyError")
+    other = dataclasses.replace(busy, error_type="RuntimeError", cause="RuntimeError: boom")
+    assert decide(other).restart, "only that error"

@@ -20,7 +20,7 @@ paddle = pytest.importorskip("paddle")
 
 from helpers import REPO, assert_no_leftovers, killed_on_error, wait_for
 from paddlerun.trainer.checkpoint import CheckpointStore
-from paddlerun.trainer.heartbeat import process_alive
+from paddlerun.trainer.process_identity import ProcessIdentity
 
 EXAMPLE = REPO / "examples" / "train_script.py"
 STEPS = 60
@@ -68,17 +68,17 @@ def metrics(run_dir: Path):
 
 
 def workers(run_dir: Path) -> dict:
-    """rank -> (pid, create_time) from the heartbeat files of the current attempt."""
+    """rank -> (pid, start_ticks) from the heartbeat files of the current attempt."""
     found = {}
     for rank in (0, 1):
         beat = json.loads((run_dir / "heartbeats" / f"rank-{rank}.json").read_text())
-        found[rank] = (beat["pid"], beat["create_time"])
+        found[rank] = (beat["pid"], beat["start_ticks"])
     return found
 
 
 def assert_workers_gone(*pids) -> None:
     """The example's command line does not name the run dir: check its workers by pid."""
-    wait_for(lambda: not any(process_alive(*p) for p in pids), timeout=15, what=f"workers {pids} to exit")
+    wait_for(lambda: not any(ProcessIdentity(*p).alive() for p in pids), timeout=15, what=f"workers {pids} to exit")
 
 
 def wait_for_snapshot(run_dir: Path, proc: subprocess.Popen, step: int) -> None:

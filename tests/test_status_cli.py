@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from helpers import REPO, assert_no_leftovers, heartbeat, killed_on_error, start, wait_for
@@ -183,12 +182,14 @@ def test_status_of_a_run_whose_supervisor_was_killed(tmp_path, capsys):
 
 def test_a_reused_pid_is_not_the_supervisor(tmp_path, capsys):
     from paddlerun.launcher.status_cmd import process_alive
-    me = psutil.Process()
+    from paddlerun.trainer.process_identity import ProcessIdentity
+    me = ProcessIdentity.me()
     host = os.uname().nodename
-    assert process_alive(host, me.pid, me.create_time() + 0.2) is True
-    assert process_alive(host, me.pid, me.create_time() - 3600) is False, \
-        "a process that started after the record is another one with the same pid"
-    assert process_alive("some-other-host", me.pid, me.create_time()) is None
+    assert process_alive(host, me.pid, me.start_ticks) is True
+    assert process_alive(host, me.pid, me.start_ticks - 100) is False, \
+        "a process that started at another time is another one with the same pid"
+    assert process_alive("some-other-host", me.pid, me.start_ticks) is None
+    assert process_alive(host, me.pid, None) is None, "an older record: the pid is in use, cannot tell"
 
 
 def test_status_of_what_is_not_a_run_dir_is_bad_usage(tmp_path, capsys):

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
+from paddlerun.trainer.process_identity import ProcessIdentity
+
 RUN_DIR = "PADDLERUN_RUN_DIR"
 CHECKPOINT_DIR = "PADDLERUN_CHECKPOINT_DIR"
 CONFIG = "PADDLERUN_CONFIG"
@@ -17,6 +19,8 @@ ATTEMPT = "PADDLERUN_ATTEMPT"
 RESTARTS = "PADDLERUN_RESTARTS"
 TTY = "PADDLERUN_TTY"
 HEARTBEAT_INTERVAL = "PADDLERUN_HEARTBEAT_INTERVAL_S"
+#: ``PID:START_TICKS`` of the supervisor: workers stop when it is gone (trainer/heartbeat.py).
+SUPERVISOR = "PADDLERUN_SUPERVISOR"
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,8 @@ class WorkerEnv:
     config_path: Optional[Path]
     tty: bool
     heartbeat_interval_s: float = 1.0
+    #: The supervisor of this worker (same host), when started by one.
+    supervisor: Optional[ProcessIdentity] = None
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] = os.environ) -> "WorkerEnv":
@@ -50,4 +56,5 @@ class WorkerEnv:
             config_path=path(CONFIG),
             tty=environ.get(TTY) == "1",
             heartbeat_interval_s=float(environ.get(HEARTBEAT_INTERVAL, 1.0)),
+            supervisor=ProcessIdentity.parse(environ[SUPERVISOR]) if environ.get(SUPERVISOR) else None,
         )

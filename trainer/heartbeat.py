@@ -4,6 +4,13 @@ Writer (every worker rank): :class:`HeartbeatWriter`. A daemon thread rewrites t
 rank's file every ``interval_s``; the training loop only calls :meth:`~HeartbeatWriter.beat`
 (sets one attribute: no I/O on the step path).
 
+The same thread watches the supervisor (``supervisor=``, from the worker's environment):
+when it is gone -- SIGKILLed, OOM-killed -- the worker exits within one interval, so that
+no job trains unsupervised, holds the checkpoint directory, or keeps a rerun from starting.
+(``PR_SET_PDEATHSIG`` cannot do this: the workers are children of paddle's launcher, in
+sessions of their own, not of the supervisor.) The exit is abrupt, like a crash: the rerun
+resumes from the newest complete snapshot.
+
 Reader (supervisor): :func:`read_heartbeats` + :func:`stale_ranks`.
 Peers (a worker after a collective failed): :func:`lowest_live_rank`.
 
@@ -48,7 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Union
 
-import psutil
+from paddlerun.trainer.process_identity import ProcessIdentity
 
 __all__ = [
     "PHASES",
@@ -58,7 +65,6 @@ __all__ = [
     "clear_heartbeats",
     "heartbeat_path",
     "lowest_live_rank",
-    "process_alive",
     "read_heartbeats",
     "stale_ranks",
 ]
@@ -71,6 +77,9 @@ ENDED_PHASES = frozenset({"done", "stopped"})
 #: How :func:`stale_ranks` starts the reason of a rank whose heartbeat stopped (the
 #: process is dead or stopped), as opposed to one whose training stopped progressing.
 NO_HEARTBEAT = "no heartbeat"
+
+#: A worker's exit code when it stopped because its supervisor was gone.
+SUPERVISOR_GONE_EXIT_CODE = 3
 
 _PREFIX = "rank-"
 _SUFFIX = ".json"
@@ -96,8 +105,9 @@ class Heartbeat:
 
     rank: int
     pid: int
-    #: psutil's create_time of ``pid``: with it, a reused pid is told apart.
-    create_time: float
+    #: When ``pid`` started, in clock ticks since boot: with it, a reused pid is told
+    #: apart (trainer/process_identity.py says why not a wall-clock create time).
+    start_ticks: int
     step: int
     #: When the file was written (the writer thread: the process is alive and not stopped).
     time: float
@@ -106,6 +116,10 @@ class Heartbeat:
     attempt: int
     host: str
     phase: str
+
+    @property
+    def identity(self) -> ProcessIdentity:
+        return ProcessIdentity(self.pid, self.start_ticks)
 
     def age(self, now: float) -> float:
         return now - self.time
@@ -138,7 +152,7 @@ class Heartbeat:
         if not isinstance(host, str):
             raise TypeError(f"host must be a string, not {host!r}")
         return cls(
-            rank=integer("rank"), pid=integer("pid"), create_time=number("create_time"),
+            rank=integer("rank"), pid=integer("pid"), start_ticks=integer("start_ticks"),
             step=integer("step"), time=number("time"), step_time=number("step_time"),
             attempt=integer("attempt"), host=host, phase=_check_phase(data["phase"]),
         )
@@ -159,7 +173,8 @@ class HeartbeatWriter:
     Start it before ``import paddle`` so that a slow import shows as phase ``init``.
     """
 
-    def __init__(self, directory: PathLike, rank: int, interval_s: float, attempt: int = 0):
+    def __init__(self, directory: PathLike, rank: int, interval_s: float, attempt: int = 0,
+                 supervisor: Optional[ProcessIdentity] = None):
         if not interval_s > 0:
             raise ValueError(f"heartbeat interval_s must be > 0, got {interval_s!r}")
         self.directory = Path(directory)
@@ -168,7 +183,7 @@ class HeartbeatWriter:
         self.attempt = int(attempt)
         self.path = heartbeat_path(self.directory, self.rank)
         self._pid = os.getpid()
-        self._create_time = psutil.Process(self._pid).create_time()
+        self._start_ticks = ProcessIdentity.me().start_ticks
         self._host = socket.gethostname()
         self._tmp = self.directory / f"{_TMP_PREFIX}{self.rank}{_SUFFIX}.{self._pid}.tmp"
         # (step, phase, step_time), replaced as a whole: one reference assignment,
@@ -177,6 +192,7 @@ class HeartbeatWriter:
         self._stop_event = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._warned = False
+        self._supervisor = supervisor
 
     # ---------------------------------------------------------- main thread
 
@@ -233,12 +249,25 @@ class HeartbeatWriter:
 
     def _run(self) -> None:
         while not self._stop_event.wait(self.interval_s):
+            if self._supervisor is not None and not self._supervisor.alive():
+                self._supervisor_gone()
             self._write()
+
+    def _supervisor_gone(self) -> None:
+        """Exit this process now: nobody supervises it any more (see the module docstring)."""
+        try:
+            sys.stderr.write(
+                f"paddlerun: rank {self.rank} (pid {self._pid}): its supervisor, pid "
+                f"{self._supervisor.pid}, is gone; this worker stops so that nothing trains "
+                f"unsupervised. Run the same command again: it resumes from the newest snapshot.\n")
+            sys.stderr.flush()
+        finally:
+            os._exit(SUPERVISOR_GONE_EXIT_CODE)
 
     def _write(self) -> None:
         step, phase, step_time = self._progress
         record = {
-            "rank": self.rank, "pid": self._pid, "create_time": self._create_time,
+            "rank": self.rank, "pid": self._pid, "start_ticks": self._start_ticks,
             "step": step, "time": time.time(), "step_time": step_time,
             "attempt": self.attempt, "host": self._host, "phase": phase,
         }
@@ -336,23 +365,12 @@ def stale_ranks(
     return stale
 
 
-def process_alive(pid: int, create_time: float) -> bool:
-    """Whether the process ``pid`` started at ``create_time`` (a heartbeat's) still lives:
-    not gone, not a zombie, and not another process that was given the same pid."""
-    try:
-        proc = psutil.Process(pid)
-        return abs(proc.create_time() - create_time) < 0.01 and \
-            proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
 def lowest_live_rank(directory: PathLike, my_rank: int, remote_fresh_s: float = 10.0) -> int:
     """The lowest rank that is still alive, by the heartbeat files; worker side.
 
     For a worker whose collective just failed because a peer died, to agree
     without communicating on who writes an emergency snapshot. ``my_rank`` is
-    always alive. A rank on this host counts if its ``(pid, create_time)`` is
+    always alive. A rank on this host counts if its ``(pid, start_ticks)`` is
     still a live process (not a zombie); a rank on another host, which cannot be
     checked that way, if its file was written within ``remote_fresh_s``. Ranks in
     phase ``done`` and heartbeats of another attempt than ``my_rank``'s own are
@@ -371,7 +389,7 @@ def lowest_live_rank(directory: PathLike, my_rank: int, remote_fresh_s: float = 
         if mine is not None and hb.attempt != mine.attempt:
             continue
         if hb.host == host:
-            alive = process_alive(hb.pid, hb.create_time)
+            alive = hb.identity.alive()
         else:
             alive = now - hb.time <= remote_fresh_s
         if alive:

@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     log = logging.getLogger("paddlerun.worker")
     # Before importing paddle, so that a slow import shows as phase "init", not silence.
     heartbeat = HeartbeatWriter(run_dir / "heartbeats", env.rank, env.heartbeat_interval_s,
-                                attempt=env.attempt).start()
+                                attempt=env.attempt, supervisor=env.supervisor).start()
     try:
         config = load_config(args.config)
         from paddlerun.trainer.worker_setup import run_worker  # imports paddle

@@ -102,7 +102,8 @@ class SupervisorLink:
         self.heartbeat: Optional[HeartbeatWriter] = None
         if self.run_dir is not None:
             self.heartbeat = HeartbeatWriter(self.run_dir / "heartbeats", env.rank,
-                                             env.heartbeat_interval_s, env.attempt).start()
+                                             env.heartbeat_interval_s, env.attempt,
+                                             supervisor=env.supervisor).start()
         self.metrics: Optional[MetricsLog] = None
         self._sigterm = False
 
