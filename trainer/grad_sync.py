@@ -21,7 +21,7 @@ import paddle
 import paddle.distributed as dist
 
 from paddlerun.trainer import shm_reduce
-from paddlerun.trainer.host_copy import numpy_dtype
+from paddlerun.trainer.host_copy import host_view, numpy_dtype
 
 BUCKET_BYTES = 32 << 20
 #: Slots after the first bucket's gradients for a few numbers of the caller's that need
@@ -102,7 +102,7 @@ class GradientSync:
             # allocates the same, so the all-reduces always match.
             slots = EXTRA_SLOTS if i == 0 else 0
             flat = paddle.zeros([sum(sizes) + slots], dtype=dtype.name)
-            whole = np.from_dlpack(flat)
+            whole = host_view(flat, writable=True)  # the pieces are written through
             pieces = np.split(whole, np.cumsum(sizes))
             self._flat[i] = (flat, whole, pieces, [piece.ctypes.data for piece in pieces])
         flat, whole, pieces, addresses = self._flat[i]
