@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
+from paddlerun.launcher import gpu_env
 from paddlerun.trainer import env as worker_env
 from paddlerun.trainer.config import Config
 
@@ -70,7 +71,15 @@ class LaunchSpec:
             worker_env.TTY: "1" if tty else "0",
             "PYTHONUNBUFFERED": "1",
         })
+        if self.uses_gpus:
+            env.update(gpu_env.gpu_worker_env(self.config, base))
         return env
+
+    @property
+    def uses_gpus(self) -> bool:
+        """Whether the workers will run on GPUs (``launch.device`` allows it and this node has
+        some), found without importing paddle."""
+        return self.config.launch.device != "cpu" and visible_gpus() > 0
 
 
 def scrub(base: Mapping[str, str]) -> Dict[str, str]:
