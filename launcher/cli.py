@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from paddlerun.launcher import preflight
+from paddlerun.launcher import doctor_cmd, preflight
 from paddlerun.launcher.exit_codes import BAD_CONFIG, FAILED
 from paddlerun.launcher.usage import UsageError
 from paddlerun.trainer.config import Config, ConfigError, load_config
@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--master", help="script mode: host:port of the rendezvous master")
     run.set_defaults(handler=cmd_run)
     add_inspect_commands(sub)
+    doctor_cmd.add_parser(sub)
     return parser
 
 
