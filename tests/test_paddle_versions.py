@@ -153,3 +153,8 @@ def test_non_tensor_optimizer_entries_go_to_json():
     tensors, extra = tstate.optimizer_tensors(opt)
     assert extra["some_version_counter"] == 3
     assert all(isinstance(t, paddle.Tensor) for t in tensors.values())
+
+
+def test_ci_runs_the_oldest_supported_paddle():
+    ci = (REPO / ".ci" / "run").read_text()
+    assert f"OLDEST_PADDLE={paddle_build.MINIMUM}\n" in ci
