@@ -1,5 +1,6 @@
 """Paddle versions: the supervisor's refusal of an old Paddle (without importing it), the
 features probed in the worker, and the fallbacks that keep every supported version exact."""
+import dataclasses
 import gc
 import os
 import subprocess
@@ -72,8 +73,25 @@ def test_the_probe_matches_what_this_paddle_does():
     assert found.dlpack == hasattr(paddle.Tensor, "__dlpack__")
     if found.dlpack:
         assert found.dlpack_writable == np.from_dlpack(paddle.zeros([2])).flags.writeable
-    assert found.generator_engine_state
+    assert found.generator_engine_state and found.address_views
     assert (found.fallbacks == ()) == (found.dlpack_writable and (found.pinned_copy or not found.cuda))
+
+
+def test_without_writable_views_the_gradient_sync_uses_paddle_ops(monkeypatch):
+    from paddlerun.trainer import grad_sync
+    from paddlerun.trainer.models import LeNet
+    monkeypatch.setattr(grad_sync, "features", lambda: dataclasses.replace(
+        paddle_features.features(), dlpack_writable=False, address_views=False))
+    monkeypatch.setattr(grad_sync.dist, "all_reduce", lambda flat: flat.set_value(flat * 2))
+    model = LeNet()
+    model(paddle.randn([2, 1, 28, 28])).sum().backward()
+    before = {n: p.grad.numpy().copy() for n, p in model.named_parameters()}
+    sync = grad_sync.GradientSync(model.parameters(), world_size=2)
+    assert not sync.on_host
+    sync()
+    assert not sync._flat  # no bucket took the copy-by-address path
+    for n, p in model.named_parameters():  # (g + g) / 2
+        assert np.array_equal(p.grad.numpy(), before[n]), n
 
 
 def test_a_writable_host_view_writes_into_the_tensor_on_every_version():

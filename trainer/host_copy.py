@@ -62,7 +62,7 @@ def host_view(tensor: paddle.Tensor, writable: bool = False) -> Optional[np.ndar
     found = features()
     if found.dlpack and (found.dlpack_writable or not writable):
         return dlpack_view(tensor)
-    return address_view(tensor)
+    return address_view(tensor) if found.address_views else None
 
 
 def dlpack_view(tensor: paddle.Tensor) -> Optional[np.ndarray]:

@@ -43,6 +43,9 @@ class PaddleFeatures:
     dlpack: bool
     #: ``np.from_dlpack`` of a host tensor is writable (versioned DLPack, Paddle >= 3.3).
     dlpack_writable: bool
+    #: A numpy view made from ``data_ptr()``, shape and strides is the tensor's memory (checked:
+    #: writes through it show in the tensor and Paddle's in-place updates show in it).
+    address_views: bool
     #: The CPU generator's serialized state holds its engine: resume restores it exactly.
     generator_engine_state: bool
     #: A CUDA build.
@@ -78,8 +81,12 @@ def probe() -> PaddleFeatures:
     dlpack_writable = dlpack and _dlpack_writable()
     cuda = paddle.is_compiled_with_cuda()
     pinned = cuda and hasattr(paddle.Tensor, "pin_memory") and hasattr(paddle.Tensor, "copy_")
+    address_views = _address_views_work()
     fallbacks = []
-    if not dlpack:
+    if not (dlpack_writable or address_views):
+        fallbacks.append("no writable host views: the gradient sync uses Paddle ops (concat, "
+                         "split, set_value) instead of copies by address")
+    elif not dlpack:
         fallbacks.append("no Tensor.__dlpack__: host tensors are viewed through their data pointers")
     elif not dlpack_writable:
         fallbacks.append("DLPack views are read-only (legacy capsule): the gradient sync writes "
@@ -88,6 +95,7 @@ def probe() -> PaddleFeatures:
         fallbacks.append("no Tensor.pin_memory/copy_: GPU tensors are captured with numpy() "
                          "into fresh host memory")
     return PaddleFeatures(version=paddle.__version__, dlpack=dlpack, dlpack_writable=dlpack_writable,
+                          address_views=address_views,
                           generator_engine_state=_generator_has_engine(), cuda=cuda,
                           pinned_copy=pinned, fallbacks=tuple(fallbacks))
 
@@ -96,6 +104,18 @@ def _dlpack_writable() -> bool:
     try:
         return bool(np.from_dlpack(paddle.zeros([1])).flags.writeable)
     except (BufferError, RuntimeError, TypeError, ValueError):
+        return False
+
+
+def _address_views_work() -> bool:
+    from paddlerun.trainer.host_copy import address_view  # host_copy imports this module
+    try:
+        tensor = paddle.zeros([4], dtype="float32")
+        view = address_view(tensor)
+        view[1] = 2.0
+        tensor.scale_(3.0)
+        return view.tolist() == [0.0, 6.0, 0.0, 0.0] and tensor.numpy().tolist() == view.tolist()
+    except (AttributeError, RuntimeError, TypeError, ValueError):
         return False
 
 
