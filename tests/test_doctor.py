@@ -71,3 +71,22 @@ def test_master_port_in_use_on_node_0_and_reachable_from_node_1(tmp_path):
     nowhere = doctor("--set", "launch.nnodes=2", "--set", "launch.master=no-such-host.invalid:1234",
                      "--set", "launch.node_rank=1", "--run-dir", str(tmp_path))
     assert nowhere.returncode == 1 and "does not resolve" in nowhere.stdout
+
+
+def test_free_space_is_weighed_against_the_newest_snapshot(tmp_path, monkeypatch):
+    import collections
+    import shutil as shutil_module
+
+    from checkpointer_kit import make_checkpointer, train_step
+    from paddlerun.launcher import doctor_cmd
+    ckpt, trainer = make_checkpointer(tmp_path)
+    train_step(trainer, 2)
+    ckpt.save(trainer, wait=True)
+    ckpt.close()
+    fine = doctor_cmd._checkpoints(tmp_path / "ckpt")
+    assert fine.ok and "newest snapshot step-00000002" in fine.detail, fine
+    size = sum(f.stat().st_size for f in (tmp_path / "ckpt" / "step-00000002").iterdir())
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(10 * size, 9 * size, size // 2))
+    full = doctor_cmd._checkpoints(tmp_path / "ckpt")
+    assert not full.ok and "will not fit" in full.detail, full
