@@ -101,6 +101,9 @@ def _paddle(config: Config):
     reason = build.unsupported_reason()
     if reason is not None:
         return Check("paddle", False, reason), build
+    sharding = build.sharding_problem() if config.train.sharded_optimizer else None
+    if sharding is not None:
+        return Check("paddle", False, f"train.sharded_optimizer: {sharding}"), build
     if len(build.distributions) > 1:
         return Check("paddle", False, f"{' and '.join(build.distributions)} are both installed and "
                                       f"overwrite each other's files: uninstall both, then install one"), build

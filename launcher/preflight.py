@@ -34,6 +34,9 @@ def check_paddle_version(config: Config) -> None:
     reason = build.unsupported_reason()
     if reason is not None:
         raise UsageError(reason)
+    sharding = build.sharding_problem() if config.train.sharded_optimizer else None
+    if sharding is not None:
+        raise UsageError(f"train.sharded_optimizer: {sharding}")
 
 
 def check_factories(config: Config) -> None:

@@ -42,6 +42,24 @@ def test_an_old_paddle_is_refused_in_one_line_with_exit_2_before_any_worker(tmp_
     assert not (run_dir / "logs").exists()  # no attempt was started
 
 
+def test_sharding_with_a_fleet_that_needs_protobuf_below_7_is_refused_up_front(tmp_path):
+    import importlib.metadata
+    fake = _fake_paddle(tmp_path / "site", "3.1.1")
+    strategy = fake / "paddle" / "distributed" / "fleet" / "base" / "distributed_strategy.py"
+    strategy.parent.mkdir(parents=True)
+    strategy.write_text("if f.label == 3:\n    pass\n")  # what Paddle 3.0-3.2 do
+    env = {**os.environ, "PYTHONPATH": str(fake)}
+    result = subprocess.run([sys.executable, "-m", "paddlerun.launcher.cli", "run", "mnist_lenet",
+                             "--run-dir", str(tmp_path / "run"), "--set", "train.sharded_optimizer=true"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    protobuf = importlib.metadata.version("protobuf")
+    if paddle_build.version_tuple(protobuf) >= (7,):
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert result.stderr.strip().count("\n") == 0 and "pip install 'protobuf<7'" in result.stderr
+    else:  # with protobuf < 7 that fleet works: no refusal (the fake paddle then fails to import)
+        assert "protobuf" not in result.stderr
+
+
 def test_the_build_is_read_from_the_installed_files():
     build = paddle_build.read()
     assert build is not None and build.version == paddle.__version__

@@ -52,6 +52,11 @@ class PaddleBuild:
     cuda: Optional[str] = None
     cudnn: Optional[str] = None
     nccl: Optional[str] = None
+    #: The installed protobuf's version (None if absent).
+    protobuf: Optional[str] = None
+    #: Fleet's DistributedStrategy reads ``FieldDescriptor.label`` (Paddle 3.0-3.2), which
+    #: protobuf 7 removed: with protobuf >= 7 every fleet strategy getter fails there.
+    fleet_reads_protobuf_label: bool = False
 
     @property
     def with_cuda(self) -> bool:
@@ -66,6 +71,14 @@ class PaddleBuild:
             return (f"Paddle {self.version} is installed ({self.location}), but paddlerun needs "
                     f"Paddle >= {MINIMUM}: pip install '{name}>={MINIMUM}' (GPU builds come from "
                     f"Paddle's own index, see docs/install.md)")
+        return None
+
+    def sharding_problem(self) -> Optional[str]:
+        """Why fleet's sharded optimizer cannot start with this install, or None."""
+        if self.fleet_reads_protobuf_label and self.protobuf and version_tuple(self.protobuf) >= (7,):
+            return (f"Paddle {self.version}'s fleet cannot read its DistributedStrategy with protobuf "
+                    f"{self.protobuf} (it uses FieldDescriptor.label, which protobuf 7 removed): "
+                    f"pip install 'protobuf<7', or Paddle >= 3.3")
         return None
 
     def check(self) -> None:
@@ -101,13 +114,27 @@ def read(python: Optional[str] = None) -> Optional[PaddleBuild]:
             distributions.append(f"{name}=={importlib.metadata.version(name)}")
         except importlib.metadata.PackageNotFoundError:
             pass
+    try:
+        protobuf = importlib.metadata.version("protobuf")
+    except importlib.metadata.PackageNotFoundError:
+        protobuf = None
     version = facts.get("full_version")
     if version is None and distributions:  # no version file: trust the metadata
         version = distributions[0].split("==")[1]
     return PaddleBuild(version=version or "unknown", location=str(location),
                        distributions=tuple(distributions),
                        cuda=_fact(facts.get("cuda_version")), cudnn=_fact(facts.get("cudnn_version")),
-                       nccl=_fact(facts.get("nccl_version")))
+                       nccl=_fact(facts.get("nccl_version")), protobuf=protobuf,
+                       fleet_reads_protobuf_label=_reads_protobuf_label(location))
+
+
+def _reads_protobuf_label(location: Path) -> bool:
+    """Whether fleet's strategy module uses ``FieldDescriptor.label`` (read as text, not run)."""
+    try:
+        source = (location / "distributed" / "fleet" / "base" / "distributed_strategy.py").read_text()
+    except OSError:
+        return False
+    return "f.label" in source
 
 
 def _version_file(path: Path) -> dict:
