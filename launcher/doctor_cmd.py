@@ -43,7 +43,12 @@ class Check:
 def add_parser(sub) -> None:
     doctor = sub.add_parser(
         "doctor", help="check that a job can start here: Paddle, GPUs, checkpoints, master",
-        description=__doc__.split("\n\n")[1] + " Exit 0 when the job can start, 1 otherwise.")
+        description="Python; the Paddle build (version, CUDA, cuDNN, NCCL) and whether paddlerun "
+                    "supports it; the GPUs visible and which worker gets which; the checkpoints "
+                    "directory (writable, filesystem, free space against the newest snapshot); with "
+                    "launch.nnodes > 1, whether the master resolves and its port is free (node 0) "
+                    "or reachable. Never imports paddle. Exit 0 when the job can start, 1 otherwise, "
+                    "2 for a bad config.")
     doctor.add_argument("config", nargs="?", help="a YAML file or a shipped config's name; "
                         "default: the defaults")
     doctor.add_argument("--run-dir", help="as for paddlerun run (where the checkpoints go)")
