@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from paddlerun.cluster import k8s_cmd, k8s_env
-from paddlerun.launcher import preflight
+from paddlerun.launcher import doctor_cmd, preflight
 from paddlerun.launcher.exit_codes import BAD_CONFIG, FAILED
 from paddlerun.launcher.usage import UsageError
 from paddlerun.trainer.config import Config, ConfigError, load_config
@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=cmd_run)
     add_inspect_commands(sub)
     k8s_cmd.add_parser(sub)
+    doctor_cmd.add_parser(sub)
     return parser
 
 

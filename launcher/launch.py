@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
+from paddlerun.launcher import gpu_env
 from paddlerun.trainer import env as worker_env
 from paddlerun.trainer.config import Config
 from paddlerun.trainer.process_identity import ProcessIdentity
@@ -75,7 +76,15 @@ class LaunchSpec:
         })
         if supervisor is not None:
             env[worker_env.SUPERVISOR] = str(supervisor)
+        if self.uses_gpus:
+            env.update(gpu_env.gpu_worker_env(self.config, base))
         return env
+
+    @property
+    def uses_gpus(self) -> bool:
+        """Whether the workers will run on GPUs (``launch.device`` allows it and this node has
+        some), found without importing paddle."""
+        return self.config.launch.device != "cpu" and visible_gpus() > 0
 
 
 def scrub(base: Mapping[str, str]) -> Dict[str, str]:

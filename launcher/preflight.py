@@ -1,18 +1,42 @@
 """Checks the supervisor can make before any worker starts, without importing paddle.
 
-Every failure here is a ConfigError: exit 2, never retried.
+Every failure here is a ConfigError or a UsageError: exit 2, never retried.
 """
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
 
+from paddlerun.launcher.usage import UsageError
+from paddlerun.trainer import paddle_build
 from paddlerun.trainer.config import BUILTIN_FACTORIES, Config, ConfigError
 
 
 def check(config: Config) -> None:
+    check_paddle_version(config)
     check_factories(config)
     check_dataset_paths(config)
+
+
+def check_paddle_version(config: Config) -> None:
+    """Refuse a Paddle older than paddle_build.MINIMUM in one line, before any worker starts,
+    instead of a traceback at the first step. Reads the installed files (the interpreter of
+    ``launch.python`` when set), never imports paddle."""
+    try:
+        build = paddle_build.read(config.launch.python)
+    except paddle_build.PaddleNotSupported as e:
+        raise UsageError(str(e)) from None
+    if build is None:
+        if config.launch.python is not None:
+            raise UsageError(f"launch.python {config.launch.python} has no Paddle: install "
+                             f"paddlepaddle>={paddle_build.MINIMUM} there (docs/install.md)")
+        return  # the CLI's own check says so for the supervisor's interpreter
+    reason = build.unsupported_reason()
+    if reason is not None:
+        raise UsageError(reason)
+    sharding = build.sharding_problem() if config.train.sharded_optimizer else None
+    if sharding is not None:
+        raise UsageError(f"train.sharded_optimizer: {sharding}")
 
 
 def check_factories(config: Config) -> None:

@@ -36,6 +36,7 @@ from paddlerun.trainer.checkpoint import (CheckpointError, CheckpointStore, Writ
 from paddlerun.trainer.config import Config
 from paddlerun.trainer.env import WorkerEnv
 from paddlerun.trainer.host_copy import HostBuffers
+from paddlerun.trainer.paddle_features import features
 
 log = logging.getLogger("paddlerun.checkpoint")
 
@@ -71,6 +72,9 @@ class Checkpointer:
 
     def __init__(self, config: Config, env: WorkerEnv, directory: Path, run_dir: Path,
                  sharded: bool = False, events=None):
+        # Bit-exact resume is this class's promise: refuse a Paddle that cannot keep it
+        # (the supervisor refuses it before starting; this covers a worker started otherwise).
+        features().check()
         self.cfg = config.checkpoint
         self.config_hash = config.hash()
         self.env = env

@@ -22,7 +22,8 @@ import paddle
 import paddle.distributed as dist
 
 from paddlerun.trainer import shm_reduce
-from paddlerun.trainer.host_copy import numpy_dtype
+from paddlerun.trainer.host_copy import host_view, numpy_dtype
+from paddlerun.trainer.paddle_features import features
 
 BUCKET_BYTES = 32 << 20
 #: Slots after the first bucket's gradients for a few numbers of the caller's that need
@@ -67,7 +68,10 @@ class GradientSync:
         self.sizes = [[int(np.prod(p.shape)) for p in bucket] for bucket in self.buckets]
         # Gradients live where their parameters do. Only host memory may be copied by
         # address (for GPU memory, a pointer is a device address).
-        self.on_host = all(p.place.is_cpu_place() for bucket in self.buckets for p in bucket)
+        # Also needs a writable numpy view of the flat buffer (paddle_features).
+        found = features()
+        self.on_host = (found.dlpack_writable or found.address_views) and \
+            all(p.place.is_cpu_place() for bucket in self.buckets for p in bucket)
         # bucket -> its dtype if it can be copied by address, else None
         self._host_dtype = [_host_dtype(bucket) if self.on_host else None for bucket in self.buckets]
         # bucket -> (flat tensor, its numpy view, one view of it per parameter, their addresses)
@@ -103,7 +107,7 @@ class GradientSync:
             # allocates the same, so the all-reduces always match.
             slots = EXTRA_SLOTS if i == 0 else 0
             flat = paddle.zeros([sum(sizes) + slots], dtype=dtype.name)
-            whole = np.from_dlpack(flat)
+            whole = host_view(flat, writable=True)  # the pieces are written through
             pieces = np.split(whole, np.cumsum(sizes))
             self._flat[i] = (flat, whole, pieces, [piece.ctypes.data for piece in pieces])
         flat, whole, pieces, addresses = self._flat[i]

@@ -14,10 +14,14 @@ from paddlerun.trainer.heartbeat import HeartbeatWriter
 
 
 def setup_logging(rank: int, attempt: int) -> None:
-    logging.basicConfig(level=os.environ.get("PADDLERUN_LOG_LEVEL", "INFO"), stream=sys.stdout,
+    level = os.environ.get("PADDLERUN_LOG_LEVEL", "INFO")
+    logging.basicConfig(level=level, stream=sys.stdout,
                         format=f"%(asctime)s rank {rank} attempt {attempt} %(levelname)s %(name)s: "
                                f"%(message)s",
                         datefmt="%H:%M:%S", force=True)
+    # Importing paddle 3.0-3.2 sets the root logger to WARNING (paddle.distributed's
+    # get_logger(..., name="root")): our own loggers' level must not depend on the root's.
+    logging.getLogger("paddlerun").setLevel(level)
 
 
 def main(argv=None) -> int:

@@ -15,6 +15,7 @@ import paddle
 from paddle.framework import core
 
 from paddlerun.trainer.host_copy import numpy_dtype
+from paddlerun.trainer.paddle_features import features
 from paddlerun.trainer.rng_cache import NumpyRngReader, PythonRngReader
 
 # Optimizer state-dict entries that are plain data, not tensors.
@@ -46,8 +47,8 @@ def optimizer_tensors(optimizer) -> Tuple[Dict[str, paddle.Tensor], Dict[str, An
     tensors: Dict[str, paddle.Tensor] = {}
     extra: Dict[str, Any] = {}
     for key, value in optimizer.state_dict().items():
-        if key in _JSON_KEYS:
-            extra[key] = value
+        if key in _JSON_KEYS or not isinstance(value, (paddle.Tensor, dict)):
+            extra[key] = value  # plain data (a Paddle version's own bookkeeping entries too)
         elif isinstance(value, dict):
             for sub, t in value.items():
                 tensors[f"{key}{_SEP}{sub}"] = t
@@ -62,13 +63,19 @@ def optimizer_arrays(optimizer) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
     return {name: t.numpy() for name, t in tensors.items()}, extra
 
 
+_CUDA_BUILD = features().cuda
 _numpy_rng = NumpyRngReader()
 _python_rng = PythonRngReader()
 
 
 def capture_rng() -> tuple:
-    """The RNG states as they are (cheap enough for every step: ~3 us); see :func:`rng_to_json`."""
-    return paddle.get_rng_state(), _numpy_rng.get_state(), _python_rng.get_state()
+    """The RNG states as they are (cheap enough for every step: ~3 us); see :func:`rng_to_json`.
+
+    ``paddle.get_rng_state()`` holds the generators of the current device only: on a GPU,
+    the CUDA ones. A CUDA build also captures the CPU generator (ops placed on the CPU and
+    the CPU generator's draws must resume as exactly); a CPU build has only that one."""
+    cpu = paddle.get_rng_state("cpu") if _CUDA_BUILD else None
+    return paddle.get_rng_state(), _numpy_rng.get_state(), _python_rng.get_state(), cpu
 
 
 def rng_to_json(captured: tuple) -> Dict[str, Any]:
@@ -77,18 +84,25 @@ def rng_to_json(captured: tuple) -> Dict[str, Any]:
     of ints the JSON was 40 KB and took ~0.9 ms to encode on the persist thread, holding
     the GIL against training; as strings, 16 KB and ~75 us (measured). Snapshots written
     with the lists still restore (:func:`restore_rng` reads both)."""
-    paddle_states, np_state, py_state = captured
-    return {
+    paddle_states, np_state, py_state, cpu_states = captured
+    state = {
         "paddle": [_paddle_generator_json(s.__getstate__()) for s in paddle_states],
         "numpy": [np_state[0], _words_hex(np_state[1]), *np_state[2:]],
         "python": [py_state[0], _words_hex(py_state[1]), py_state[2]],
     }
+    if cpu_states is not None:
+        state["paddle_cpu"] = [_paddle_generator_json(s.__getstate__()) for s in cpu_states]
+    return state
 
 
 def _paddle_generator_json(state: tuple) -> list:
-    """``GeneratorState.__getstate__()``: a few ints, then the engine's state as a list of
-    byte values, which becomes a str (latin-1 maps every byte to one character)."""
+    """``GeneratorState.__getstate__()``: a few ints, then (CPU generators) the engine's
+    state as a list of byte values, which becomes a str (latin-1 maps every byte to one
+    character). A state of ints only (a CUDA generator's device, seed and offset) is kept
+    as it is: ``bytes()`` of an int would make that many zero bytes."""
     *head, engine = state
+    if not isinstance(engine, (list, tuple)):
+        return list(state)
     try:
         return [*head, bytes(engine).decode("latin-1")]
     except (TypeError, ValueError):  # not byte values after all: keep them as they are
@@ -111,14 +125,20 @@ def rng_state() -> Dict[str, Any]:
     return rng_to_json(capture_rng())
 
 
-def restore_rng(state: Dict[str, Any]) -> None:
+def _generator_states(saved: list) -> list:
     generators = []
-    for *head, engine in state["paddle"]:
+    for *head, engine in saved:
         # GeneratorState has no constructor; this is what pickle itself does (NEWOBJ + BUILD).
         g = core.GeneratorState.__new__(core.GeneratorState)
         g.__setstate__((*head, list(engine.encode("latin-1")) if isinstance(engine, str) else engine))
         generators.append(g)
-    paddle.set_rng_state(generators)
+    return generators
+
+
+def restore_rng(state: Dict[str, Any]) -> None:
+    if "paddle_cpu" in state:
+        paddle.set_rng_state(_generator_states(state["paddle_cpu"]), "cpu")
+    paddle.set_rng_state(_generator_states(state["paddle"]))
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, np.asarray(_words(keys), dtype=np.uint32), pos, has_gauss, gauss))
     version, internal, gauss_next = state["python"]
