@@ -22,7 +22,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from enum import Enum
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import paddle
@@ -48,6 +49,13 @@ FORMAT_VERSION = 1
 PERSIST_NICE = 10
 REQUIRED_STATE_KEYS = {"format", "step", "epoch", "batch", "world_size", "global_batch_size",
                        "config_hash", "rng", "optimizer_extra"}
+
+
+class SkipReason(str, Enum):
+    """Why a due snapshot was not taken (the ``reason`` of a ``snapshot_skipped`` event)."""
+    #: The previous snapshot's persist had not finished: waiting for it would hold this
+    #: rank out of the next collective, where the others would time out.
+    PERSIST_IN_FLIGHT = "persist_in_flight"
 
 
 @dataclass
@@ -84,11 +92,16 @@ class Checkpointer:
         self.is_writer = env.rank == 0
         self._claim = None
         if self.is_writer:
-            self.store.prepare()
-            self._claim = self.store.claim_writer({
+            # Claim first: a second job on this directory must fail here, before prepare()
+            # removes the staging directory of the snapshot the first job is writing.
+            self._claim = self.store.open_writer({
                 "host": socket.gethostname(), "pid": os.getpid(), "run_dir": str(run_dir),
                 "attempt": env.attempt, "started": time.time()})
         self._thread: Optional[threading.Thread] = None
+        #: The step of the persist started last, and when (time.monotonic()).
+        self._in_flight: Tuple[int, float] = (-1, 0.0)
+        #: Snapshots skipped because the previous persist was still running.
+        self.skipped = 0
         # The persist in flight reads these buffers: a capture always waits for it first.
         self._host = HostBuffers()
         #: Write the model and optimizer files side by side, each file's fsync and sha256
@@ -103,10 +116,12 @@ class Checkpointer:
         self.last_saved_step: Optional[int] = None
         #: Test-only pause point "STEP:SECONDS": in a run's first attempt, sleep between
         #: writing that step's files and committing them, so a test can kill the writer
-        #: in the middle of a persist.
+        #: in the middle of a persist (or start a second job meanwhile). The pause ends
+        #: early once the file PADDLERUN_TEST_RELEASE_COMMIT names exists.
         step, _, seconds = os.environ.get("PADDLERUN_TEST_PAUSE_BEFORE_COMMIT", "").partition(":")
         self._pause_before_commit = (int(step), float(seconds)) if seconds and env.attempt == 0 \
             else None
+        self._release_commit = os.environ.get("PADDLERUN_TEST_RELEASE_COMMIT")
 
     # ------------------------------------------------------------ schedule
 
@@ -120,13 +135,23 @@ class Checkpointer:
 
     # ------------------------------------------------------------ save
 
-    def save(self, trainer, reason: str = "scheduled", wait: bool = False) -> None:
-        """Capture now, persist in the background (or at once with ``checkpoint.async: false``)."""
+    def save(self, trainer, reason: str = "scheduled", wait: bool = False) -> bool:
+        """Capture now, persist in the background (or at once with ``wait`` or
+        ``checkpoint.async: false``). Returns False when the snapshot was skipped.
+
+        A snapshot without ``wait`` that is due while the previous persist still runs is
+        skipped (:meth:`_skip_while_persisting`), never waited for: the other ranks go on to
+        the next collective meanwhile, and would time out in it (gloo: 30 s) if this rank
+        waited for a slow persist. ``wait=True`` (the final and the stop's snapshot, after
+        which no collective follows) waits for it.
+        """
         pos = trainer.position
         if self.last_saved_step == pos.step:
             if wait:
                 self.wait()
-            return
+            return True
+        if not wait and self._skip_while_persisting(pos.step, reason):
+            return False
         self.wait()  # at most one persist in flight; raises the previous one's error
         captured = self.capture(trainer, reason, tstate.capture_rng())
         self.last_save_time = time.time()
@@ -134,9 +159,39 @@ class Checkpointer:
         if self.cfg.async_save and not wait:
             self._thread = threading.Thread(target=self._persist_guarded, args=(captured,),
                                             name=f"paddlerun-persist-{pos.step}", daemon=True)
+            self._in_flight = (pos.step, time.monotonic())
             self._thread.start()
         else:
             self.persist(captured)
+        return True
+
+    def _skip_while_persisting(self, step: int, reason: str) -> bool:
+        """Whether to skip the snapshot due at ``step`` because a persist is still running;
+        if so, say so (log, ``snapshot_skipped`` event) and count it.
+
+        Every rank decides alike. Unsharded, only rank 0 persists, so its answer is the
+        only one. Sharded, every rank persists its shard, so the ranks agree through one
+        all-reduce (every rank calls :meth:`save` at the same steps). The step is not
+        retried: a snapshot by steps comes at the next multiple of ``every_steps``; one by
+        time is due again at the next agreement point (``last_save_time`` is unchanged).
+        """
+        busy = self._thread is not None and self._thread.is_alive()
+        if self.sharded and self.env.world_size > 1:
+            busy = _on_any_rank(busy)
+        if not busy:
+            return False
+        self.skipped += 1
+        in_flight_step, since = self._in_flight
+        running_s = time.monotonic() - since
+        log.warning("snapshot of step %d (%s) skipped: the persist of step %d is still running "
+                    "(%.1f s so far); %d skipped in this attempt. Slow storage or a large state: "
+                    "raise checkpoint.every_steps / every_seconds", step, reason, in_flight_step,
+                    running_s, self.skipped)
+        if self.events is not None and self.is_writer:
+            self.events.emit("snapshot_skipped", self.env.attempt, step=step,
+                             reason=SkipReason.PERSIST_IN_FLIGHT.value, snapshot_reason=reason,
+                             in_flight_step=in_flight_step, in_flight_s=round(running_s, 3))
+        return True
 
     def capture(self, trainer, reason: str, rng: tuple) -> Captured:
         """Copy the state to host memory. The arrays are reused buffers: call only with no
@@ -188,7 +243,7 @@ class Checkpointer:
         staging.write_json(STATE_FILE, {**c.trainer_state, "rng": tstate.rng_to_json(c.rng)})
         if self._pause_before_commit and self._pause_before_commit[0] == c.step \
                 and c.reason != "emergency":
-            time.sleep(self._pause_before_commit[1])
+            self._test_pause(self._pause_before_commit[1])
         shards = [shard_file(r) for r in range(self.env.world_size)] if self.sharded else []
         path = self.store.commit(staging, meta={
             "step": c.step, "epoch": c.trainer_state["epoch"], "world_size": self.env.world_size,
@@ -201,6 +256,13 @@ class Checkpointer:
                              persist_s=round(time.perf_counter() - started, 6))
         log.info("snapshot step %d committed (%s)", c.step, c.reason)
         return path
+
+    def _test_pause(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self._release_commit and os.path.exists(self._release_commit):
+                return
+            time.sleep(0.05)
 
     def _persist_guarded(self, captured: Captured) -> None:
         _lower_priority(PERSIST_NICE)
@@ -431,6 +493,13 @@ def _check_same_step_on_every_rank(step: int) -> None:
             f"the ranks resumed from different snapshots (steps {oldest} to {newest}; -1: none); "
             f"with a sharded optimizer each rank reads its own shard and one of them failed to "
             f"read it: see the workers' warnings and run `paddlerun ckpt verify` on the checkpoints")
+
+
+def _on_any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on any (a collective: every rank calls it)."""
+    t = paddle.to_tensor([int(flag)], dtype="int64")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.numpy()[0])
 
 
 def _lower_priority(increment: int) -> None:
