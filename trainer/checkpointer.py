@@ -34,6 +34,8 @@ from paddlerun.trainer.checkpoint.layout import (MODEL_FILE, OPTIMIZER_FILE, STA
                                                  snapshot_name)
 from paddlerun.trainer.checkpoint import (CheckpointError, CheckpointStore, WriterBusyError,
                                           inspect_snapshot, resolve_snapshot)
+from paddlerun.trainer.restore_agreement import (RestoreChoice, SnapshotSource, agree_on_choice,
+                                                 agree_all_loaded)
 from paddlerun.trainer.config import Config
 from paddlerun.trainer.env import WorkerEnv
 from paddlerun.trainer.host_copy import HostBuffers
@@ -165,6 +167,11 @@ class Checkpointer:
             self.persist(captured)
         return True
 
+    @property
+    def persisting(self) -> bool:
+        """A background persist is running (its error, if any, is raised by :meth:`wait`)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def _skip_while_persisting(self, step: int, reason: str) -> bool:
         """Whether to skip the snapshot due at ``step`` because a persist is still running;
         if so, say so (log, ``snapshot_skipped`` event) and count it.
@@ -175,7 +182,7 @@ class Checkpointer:
         retried: a snapshot by steps comes at the next multiple of ``every_steps``; one by
         time is due again at the next agreement point (``last_save_time`` is unchanged).
         """
-        busy = self._thread is not None and self._thread.is_alive()
+        busy = self.persisting
         if self.sharded and self.env.world_size > 1:
             busy = _on_any_rank(busy)
         if not busy:
@@ -342,23 +349,40 @@ class Checkpointer:
 
     def restore(self, trainer, resume_from: Optional[str] = None):
         """Load the newest complete snapshot into ``trainer``; returns its Position or None.
+        Every rank calls it, at the same point (it is a collective when world > 1).
 
-        The run's own snapshots win over ``resume_from``: after a restart they are newer;
-        ``resume_from`` is tried when none of them restores.
-        Candidates are tried newest first; each file is verified (size, sha256) as it is
-        read, and a snapshot that fails is skipped with a warning for the next older one.
-        With a sharded optimizer every rank reads a different shard, so every file of each
-        of the run's own candidates is hashed before it is tried (all ranks then pick the
-        same one), and the ranks check that they resumed from the same step (which catches
-        a ``resume_from`` snapshot with a corrupt shard).
+        Rank 0 chooses: the run's own snapshots newest first (they win over ``resume_from``:
+        after a restart they are newer), then ``resume_from`` when none of them restores.
+        Each file is verified (size, sha256) as it is read, and a snapshot that fails is
+        skipped with a warning for the next older one. With a sharded optimizer every file
+        of each own candidate is hashed first, the other ranks' shards too.
+
+        Then every other rank loads exactly rank 0's choice -- the same step, the same
+        manifest (its sha256) -- or the attempt fails on every rank with
+        :class:`RestoreDisagreement`, naming the rank and its reason. A rank never falls back
+        on its own: a replica resumed from another snapshot would train on silently diverged.
         """
-        position = self._restore(trainer, resume_from)
-        if self.sharded and self.env.world_size > 1:
-            _check_same_step_on_every_rank(position.step if position else -1)
+        if self.env.world_size == 1:
+            loaded = self._restore_newest(trainer, resume_from)
+            return loaded[0] if loaded else None
+        position, choice, failure = None, RestoreChoice.nothing(), ""
+        if self.env.rank == 0:
+            loaded = self._restore_newest(trainer, resume_from)
+            if loaded:
+                position, choice = loaded
+        choice = agree_on_choice(choice)
+        if self.env.rank != 0 and choice.source is not SnapshotSource.NONE:
+            try:
+                position = self._restore_exactly(trainer, choice, resume_from)
+            except (CheckpointError, tstate.StateMismatch, OSError) as e:
+                failure = f"{type(e).__name__}: {e}"
+                log.error("rank %d cannot load %s, which rank 0 resumed from: %s", self.env.rank,
+                          choice.describe(), failure)
+        agree_all_loaded(choice, failure, self.env.rank, self.env.world_size)
         return position
 
-    def _restore(self, trainer, resume_from: Optional[str]):
-        from paddlerun.trainer.loop import Position
+    def _restore_newest(self, trainer, resume_from: Optional[str]):
+        """Rank 0 (or the only rank): load the newest usable snapshot; (Position, RestoreChoice) or None."""
         candidates = []
         for info in reversed(self.store.snapshots()):
             if info.complete:
@@ -371,40 +395,66 @@ class Checkpointer:
             if self.sharded and path in own and not self._verified_everywhere(path):
                 continue
             try:
-                with self.store.reading(path) as info:
-                    state = info.read_json(STATE_FILE)
-                    if not isinstance(state, dict) or not REQUIRED_STATE_KEYS <= set(state):
-                        raise CheckpointError(f"{path / STATE_FILE} lacks the keys "
-                                              f"{sorted(REQUIRED_STATE_KEYS)}: it is corrupt")
-                    self._check_compatible(state, path)
-                    opt_name = _optimizer_file(state, self.env.rank)
-                    if opt_name not in info.files:
-                        raise CheckpointError(f"{path}: has no {opt_name}, which its "
-                                              f"{STATE_FILE} says it holds: it is corrupt")
-                    model = info.read_tensors(MODEL_FILE)
-                    optimizer = info.read_tensors(opt_name)
+                position, manifest_sha256 = self._load(trainer, path)
             except CheckpointError as e:
                 log.warning("skipping snapshot %s: %s", path, e)
                 continue
-            try:
-                tstate.check_model(trainer.layer, model, source=str(path / MODEL_FILE))
-            except tstate.StateMismatch as e:
-                if state["config_hash"] != self.config_hash:
-                    raise  # the model really changed: say so, do not quietly use an older one
-                # Written by this very config, yet it does not fit: it lies, so it is corrupt.
-                log.warning("skipping snapshot %s: %s", path, e)
-                continue
-            tstate.load_model(trainer.layer, model)
-            tstate.restore_optimizer(trainer.optimizer, optimizer, state["optimizer_extra"])
-            tstate.restore_rng(state["rng"])
-            self.last_saved_step = state["step"]
-            log.info("resumed from %s: step %d, epoch %d, batch %d", path, state["step"],
-                     state["epoch"], state["batch"])
-            return Position(step=state["step"], epoch=state["epoch"], batch=state["batch"])
+            source = SnapshotSource.OWN if path in own else SnapshotSource.RESUME_FROM
+            return position, RestoreChoice(source, position.step, manifest_sha256, str(path))
         if candidates or resume_from:
             log.warning("no usable snapshot in %s%s: starting from scratch", self.store.directory,
                         f" or {resume_from}" if resume_from else "")
         return None
+
+    def _restore_exactly(self, trainer, choice: RestoreChoice, resume_from: Optional[str]):
+        """Ranks other than 0: load the snapshot rank 0 chose, and nothing else."""
+        if choice.source is SnapshotSource.OWN:
+            path = self.store.directory / snapshot_name(choice.step)
+        else:
+            path = resolve_snapshot(resume_from, step=choice.step)
+        position, _ = self._load(trainer, path, expect_manifest=choice.manifest_sha256)
+        return position
+
+    def _load(self, trainer, path: Path, expect_manifest: Optional[str] = None):
+        """Read, check and load one snapshot into ``trainer``; (Position, manifest sha256).
+
+        Raises :class:`CheckpointError` when the snapshot is unusable (missing, corrupt, not
+        the manifest expected) and :class:`~state.StateMismatch` when it is intact but does
+        not fit this job (another world size, a changed model)."""
+        from paddlerun.trainer.loop import Position
+        with self.store.reading(path) as info:
+            if expect_manifest is not None and info.manifest_sha256 != expect_manifest:
+                raise CheckpointError(
+                    f"{path}: its manifest (sha256 {str(info.manifest_sha256)[:16]}...) is not the "
+                    f"one rank 0 resumed from ({expect_manifest[:16]}...): this rank sees another "
+                    f"snapshot of that step there", path)
+            _test_read_fault(self.env, path)
+            state = info.read_json(STATE_FILE)
+            if not isinstance(state, dict) or not REQUIRED_STATE_KEYS <= set(state):
+                raise CheckpointError(f"{path / STATE_FILE} lacks the keys "
+                                      f"{sorted(REQUIRED_STATE_KEYS)}: it is corrupt", path)
+            self._check_compatible(state, path)
+            opt_name = _optimizer_file(state, self.env.rank)
+            if opt_name not in info.files:
+                raise CheckpointError(f"{path}: has no {opt_name}, which its "
+                                      f"{STATE_FILE} says it holds: it is corrupt", path)
+            model = info.read_tensors(MODEL_FILE)
+            optimizer = info.read_tensors(opt_name)
+            manifest_sha256 = info.manifest_sha256
+        try:
+            tstate.check_model(trainer.layer, model, source=str(path / MODEL_FILE))
+        except tstate.StateMismatch as e:
+            if state["config_hash"] != self.config_hash:
+                raise  # the model really changed: say so, do not quietly use an older one
+            # Written by this very config, yet it does not fit: it lies, so it is corrupt.
+            raise CheckpointError(str(e), path) from e
+        tstate.load_model(trainer.layer, model)
+        tstate.restore_optimizer(trainer.optimizer, optimizer, state["optimizer_extra"])
+        tstate.restore_rng(state["rng"])
+        self.last_saved_step = state["step"]
+        log.info("resumed from %s: step %d, epoch %d, batch %d", path, state["step"],
+                 state["epoch"], state["batch"])
+        return Position(step=state["step"], epoch=state["epoch"], batch=state["batch"]), manifest_sha256
 
     @staticmethod
     def _verified_everywhere(path: Path) -> bool:
@@ -478,21 +528,13 @@ def _write_all(staging, files: Dict[str, Dict[str, np.ndarray]], side_by_side: b
         future.result()
 
 
-def _check_same_step_on_every_rank(step: int) -> None:
-    """Sharded optimizer: refuse to train on when ranks restored different snapshots (-1: none).
-
-    Each rank reads only its own shard; if one of them could not read it, that rank fell
-    back to an older snapshot while the others did not, and training on would mix steps.
-    """
-    bounds = paddle.to_tensor([step, -step], dtype="int64")
-    dist.all_reduce(bounds, op=dist.ReduceOp.MAX)
-    newest, oldest = bounds.numpy().tolist()
-    oldest = -oldest
-    if newest != oldest:
-        raise CheckpointError(
-            f"the ranks resumed from different snapshots (steps {oldest} to {newest}; -1: none); "
-            f"with a sharded optimizer each rank reads its own shard and one of them failed to "
-            f"read it: see the workers' warnings and run `paddlerun ckpt verify` on the checkpoints")
+def _test_read_fault(env: WorkerEnv, path: Path) -> None:
+    """Test-only: PADDLERUN_TEST_RESTORE_READ_FAILS="RANK:ATTEMPT" makes that rank's reads of
+    snapshots fail in that attempt, as a transient I/O error on one host would."""
+    rank, _, attempt = os.environ.get("PADDLERUN_TEST_RESTORE_READ_FAILS", "").partition(":")
+    if attempt and int(rank) == env.rank and int(attempt) == env.attempt:
+        raise CheckpointError(f"cannot read {path / MODEL_FILE}: [Errno 5] Input/output error "
+                              f"(injected by PADDLERUN_TEST_RESTORE_READ_FAILS)", path)
 
 
 def _on_any_rank(flag: bool) -> bool:

@@ -334,10 +334,12 @@ class CheckpointStore:
         return trash
 
 
-def resolve_snapshot(path: Union[str, os.PathLike], verify: bool = True) -> Path:
+def resolve_snapshot(path: Union[str, os.PathLike], verify: bool = True,
+                     step: Optional[int] = None) -> Path:
     """The snapshot ``path`` means: a snapshot dir itself (returned as is, not checked: use
     :func:`inspect_snapshot`), a checkpoints dir (its newest complete snapshot) or a run dir
-    (``RUN_DIR/checkpoints``'s newest complete snapshot)."""
+    (``RUN_DIR/checkpoints``'s newest complete snapshot). With ``step``, a checkpoints or run
+    dir means its snapshot of that step (returned unchecked, like a snapshot dir)."""
     p = Path(path)
     expected = "expected a snapshot dir (step-XXXXXXXX), a checkpoints dir or a run dir"
     if not p.is_dir():
@@ -345,6 +347,8 @@ def resolve_snapshot(path: Union[str, os.PathLike], verify: bool = True) -> Path
     if layout.parse_step(p.name) is not None or (p / mf.MANIFEST_NAME).exists():
         return p
     directory = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+    if step is not None:
+        return directory / layout.snapshot_name(step)
     store = CheckpointStore(directory)
     if directory == p and not store._step_dirs() and not store.lock_path.exists():
         raise CheckpointError(f"{p} holds no snapshot, no step-* directory and no checkpoints/; {expected}", p)
