@@ -1,6 +1,6 @@
 """The chaos runner (bench/chaos.py): its schedule, its tools, and a short chaos run for real.
 
-The quick run attacks the real job (2 CPU workers) with one fault of each of the six
+The quick run attacks the real job (2 CPU workers) with one fault of each of the seven
 kinds and must pass every check of the runner: same digest as an uninterrupted run,
 every fault recovered with its cause in events.jsonl, no corrupt snapshot loaded, no
 process left. The long soak is a documented command (bench/chaos.py's docstring), not a test.
@@ -43,8 +43,9 @@ def test_the_schedule_is_within_bounds_and_covers_every_kind():
         steps = [f.trigger_step for f in faults]
         assert steps == sorted(steps) and len(set(steps)) == len(steps)
         assert chaos.FIRST_TRIGGER <= steps[0] and steps[-1] <= 300 - chaos.END_MARGIN
-        for block in (faults[:6], faults[6:12]):
-            assert {f.kind for f in block} == set(chaos.Kind), "each block of six has every kind"
+        n = len(chaos.Kind)
+        for block in (faults[:n], faults[n:2 * n]):
+            assert {f.kind for f in block} == set(chaos.Kind), "each block of seven has every kind"
         for f in faults:
             if f.kind in (chaos.Kind.WORKER_KILL, chaos.Kind.WORKER_STOP):
                 assert f.rank in (0, 1)
@@ -114,13 +115,13 @@ def assert_all_runs_left_nothing(work_dir):
 
 @pytest.mark.slow
 def test_a_short_chaos_run_loses_nothing(tmp_path):
-    """One fault of each kind (seed 1 with 6 faults): about 3 minutes on 2 cores.
+    """One fault of each kind (seed 1 with 7 faults): about 3-4 minutes on 2 cores.
 
     ``--hang-timeout 15``: the supervisor's hang timeout also bounds a worker's start-up
     (import paddle, rendezvous), which takes over 8 s on a busy 2-core machine.
     """
     report = tmp_path / "chaos.json"
-    argv = [sys.executable, str(REPO / "bench" / "chaos.py"), "--faults", "6", "--seed", "1",
+    argv = [sys.executable, str(REPO / "bench" / "chaos.py"), "--faults", "7", "--seed", "1",
             "--hang-timeout", "15", "--work-dir", str(tmp_path), "--json", str(report)]
     proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
@@ -152,6 +153,9 @@ def test_a_short_chaos_run_loses_nothing(tmp_path):
     assert figures["restarts"] >= 4
     persist = next(f for f in figures["faults_detail"] if f["kind"] == "persist_kill")
     assert persist["mid_persist"], persist["note"]
+    second = next(f for f in figures["faults_detail"] if f["kind"] == "second_job")
+    assert second["second_refused"] and second["staging_kept"], second["note"]
+    assert second["mid_persist"], second["note"]
     corrupt = next(f for f in figures["faults_detail"] if f["kind"] == "corrupt")
     assert corrupt["corrupted"].endswith("model.safetensors")
     assert corrupt["resumed_step"] < corrupt["crash_step"], "an older snapshot was used"

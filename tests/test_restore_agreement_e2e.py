@@ -40,7 +40,8 @@ def test_a_rank_that_cannot_read_rank_0_s_choice_fails_the_attempt_loudly(tmp_pa
     assert "rank 1: CheckpointError: cannot read" in cause and "Input/output error" in cause, cause
     logs = tmp_path / "logs"
     rank1 = (logs / "attempt-1" / "workerlog.1").read_text()
-    assert "resumed from" not in rank1, "rank 1 did not fall back to an older snapshot"
+    assert "paddlerun.checkpoint: resumed from" not in rank1, "rank 1 did not fall back to an older one"
+    assert "rank 1 cannot load step 40 of the run's checkpoints" in rank1, rank1[-3000:]
     for rank in (0, 1):  # the restart: both ranks from the very same snapshot
         log = (logs / "attempt-2" / f"workerlog.{rank}").read_text()
         assert "step-00000040: step 40, epoch 0, batch 40" in log, log[-3000:]

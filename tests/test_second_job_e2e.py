@@ -25,7 +25,8 @@ def test_a_second_job_is_refused_while_the_first_is_mid_persist_and_the_first_lo
     shared = tmp_path / "shared-ckpt"
     first_dir, second_dir, release = tmp_path / "first", tmp_path / "second", tmp_path / "release"
     # The first job's persist of step 30 waits (before its commit) until `release` exists.
-    first = start(first_dir, TOTAL, f"checkpoint.dir={shared}",
+    # Its final snapshot waits for that persist: no progress, which must not count as a hang.
+    first = start(first_dir, TOTAL, f"checkpoint.dir={shared}", "supervisor.hang_timeout_s=600",
                   env={"PADDLERUN_TEST_PAUSE_BEFORE_COMMIT": "30:240",
                        "PADDLERUN_TEST_RELEASE_COMMIT": str(release)})
     with killed_on_error(first):
