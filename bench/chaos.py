@@ -1,6 +1,6 @@
 """Chaos run: attack a real paddlerun job with random faults, then prove nothing was lost.
 
-    python bench/chaos.py                                      # 6 faults, one of each kind, seed 1 (~3 min on 2 cores)
+    python bench/chaos.py                                      # 7 faults, one of each kind, seed 1 (~3-4 min on 2 cores)
     python bench/chaos.py --faults 4 --seed 1 --json out.json  # fewer faults; the figures as JSON too
     python bench/chaos.py --faults 50 --seed 2024 --hang-timeout 15 --json chaos-50.json   # the soak (~15-25 min)
     python bench/chaos.py --faults 8 --seed 3 --reference-digest SHA256  # skip the uninterrupted run
@@ -20,7 +20,7 @@ varies with timing. Both are reported. The supervisor runs with ``hang_timeout_s
 8 s on a busy 2-core machine), ``max_restarts`` and ``max_failures_in_window`` K + 3 and a
 0.2 s backoff.
 
-The kinds (each block of six faults in the schedule is a shuffled set of all six):
+The kinds (each block of seven faults in the schedule is a shuffled set of all seven):
 
 ==============  ==================================================  ==============================
 kind            what is done                                        what must be in events.jsonl
@@ -37,6 +37,12 @@ persist_kill    when a ``.staging-step-*`` directory appears:       worker_faile
 corrupt         as preempt; while the run is stopped, flip a byte   preempted; the rerun's workers log
                 in ``model.safetensors`` of the newest complete     "skipping snapshot" naming the file
                 snapshot, then rerun                                and resume from an older one
+second_job      SIGSTOP rank 0 the moment a ``.staging-step-*``     (in ``second-N.log``) the second
+                directory appears (as persist_kill), start a        job fails with WriterBusyError
+                second ``paddlerun run`` on the same checkpoints    naming rank 0's pid; the staging
+                directory (its own run dir ``second-N/``), SIGCONT  directory is still there when it
+                rank 0 once the second job's rank 0 has failed.     has failed; the run goes on
+                The run is not restarted                            (a snapshot committed later)
 ==============  ==================================================  ==============================
 
 At the end every check must pass for exit 0: the run succeeded; every scheduled fault was
@@ -110,6 +116,7 @@ class Kind(str, Enum):
     PREEMPT = "preempt"
     PERSIST_KILL = "persist_kill"
     CORRUPT = "corrupt"
+    SECOND_JOB = "second_job"
 
 
 #: Faults after which the run is stopped (exit 75) and the same command is run again.
@@ -141,6 +148,8 @@ class Injection:
     corrupted: Optional[str] = None   # corrupt: the file altered
     corrupted_offset: Optional[int] = None
     corrupted_at: Optional[float] = None
+    second_refused: Optional[bool] = None  # second_job: it failed naming rank 0's pid
+    staging_kept: Optional[bool] = None    # second_job: the staging dir survived it
     note: str = ""
 
 
@@ -441,7 +450,7 @@ class Chaos:
                          f"{inj.landed_step}{f' ({inj.note})' if inj.note else ''}")
                 if fault.kind in RERUN_KINDS:
                     self._stop_and_rerun(inj)
-                else:
+                elif fault.kind is not Kind.SECOND_JOB:  # that one must not stop the run
                     self._wait_for_next_attempt(inj.attempt)
             else:
                 code = self._wait_exit(1800, "after the last fault")
@@ -518,16 +527,82 @@ class Chaos:
             self.proc.send_signal(signal.SIGTERM)
         elif fault.kind is Kind.PERSIST_KILL:
             self._kill_mid_persist(inj, beats[0])
+        elif fault.kind is Kind.SECOND_JOB:
+            self._second_job_mid_persist(inj, beats[0])
         inj.landed_step = last_logged_step(self.run_dir, inj.attempt)
 
-    def _kill_mid_persist(self, inj: Injection, hb: Heartbeat) -> None:
-        """SIGKILL rank 0 while it is writing a snapshot: stop it the moment a staging
-        directory appears, make sure the commit has not happened yet, then kill it."""
-        ckpt = self.run_dir / "checkpoints"
+    def _rank0(self, inj: Injection, hb: Heartbeat) -> psutil.Process:
         proc = psutil.Process(hb.pid)
         if abs(proc.create_time() - hb.create_time) >= 0.01:
             raise psutil.NoSuchProcess(hb.pid)  # rank 0 gone, its pid reused
         inj.pid = hb.pid
+        return proc
+
+    def _kill_mid_persist(self, inj: Injection, hb: Heartbeat) -> None:
+        """SIGKILL rank 0 while it is writing a snapshot: stop it the moment a staging
+        directory appears, make sure the commit has not happened yet, then kill it."""
+        proc = self._rank0(inj, hb)
+        staging, misses = self._stop_mid_persist(proc)
+        if staging is not None:
+            proc.send_signal(signal.SIGKILL)
+            inj.mid_persist, inj.staging = True, staging
+            inj.note = f"killed while writing {staging}" + (f" after {misses} missed" if misses else "")
+            return
+        inj.mid_persist = False
+        if not proc.is_running():
+            raise psutil.NoSuchProcess(hb.pid)
+        proc.send_signal(signal.SIGKILL)  # no persist caught in time: still kill rank 0, say so
+        inj.note = f"no persist caught ({misses} missed): killed rank 0 outside a persist"
+
+    def _second_job_mid_persist(self, inj: Injection, hb: Heartbeat) -> None:
+        """A second ``paddlerun run`` on this run's checkpoints directory while rank 0 is
+        stopped in the middle of a persist: it must fail naming rank 0's pid before it
+        removes anything (the staging directory must survive it). Rank 0 is stopped only
+        until the second job's rank 0 has failed (its error file), not for the whole of its
+        teardown: the run's hang timeout counts meanwhile."""
+        proc = self._rank0(inj, hb)
+        staging, misses = self._stop_mid_persist(proc)
+        ckpt = self.run_dir / "checkpoints"
+        second_dir = self.work_dir / f"second-{inj.fault.index}"
+        log_path = self.work_dir / f"second-{inj.fault.index}.log"
+        argv = self.job.argv(second_dir) + ["--set", f"checkpoint.dir={ckpt}"]
+        failed_file = second_dir / "errors" / "attempt-0" / "rank-0.json"
+        try:
+            with open(log_path, "wb") as log:
+                second = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True)
+            try:
+                wait_until(lambda: second.poll() is not None or failed_file.exists(),
+                           self._remaining(180), "the second job's rank 0 to fail")
+                inj.staging_kept = staging is None or (ckpt / staging).is_dir()
+            finally:
+                if staging is not None:
+                    proc.send_signal(signal.SIGCONT)
+            try:
+                inj.exit_code = second.wait(timeout=self._remaining(120))
+            except subprocess.TimeoutExpired:
+                inj.note = "the second job did not exit within 120 s; "
+        finally:
+            if staging is not None and proc.is_running():
+                proc.send_signal(signal.SIGCONT)
+            left = kill_all(second_dir)
+            if left and inj.exit_code is not None:
+                self.leftovers.append(f"after the second job of fault {inj.fault.index} exited: "
+                                      f"pids {left} of {second_dir}")
+        out = log_path.read_text(errors="replace")
+        inj.second_refused = inj.exit_code not in (None, 0) and "WriterBusyError" in out \
+            and f"pid {hb.pid}," in out
+        inj.mid_persist, inj.staging = staging is not None, staging
+        inj.note += (f"second job started while rank 0 was stopped writing {staging}" if staging
+                     else f"no persist caught ({misses} missed): second job started outside one")
+        inj.note += f"; it exited {inj.exit_code}" + ("" if inj.staging_kept else
+                                                       f"; {staging} was REMOVED by it")
+
+    def _stop_mid_persist(self, proc: psutil.Process) -> Tuple[Optional[str], int]:
+        """SIGSTOP rank 0 the moment a new staging directory appears while its commit has not
+        happened; returns that directory's name (rank 0 left stopped) and how many persists
+        committed before it could be stopped; (None, misses) after 60 s without one."""
+        ckpt = self.run_dir / "checkpoints"
 
         def staging_dirs():
             try:
@@ -545,20 +620,12 @@ class Chaos:
                 staging = ckpt / new[0]
                 final = ckpt / new[0].replace(".staging-", "", 1)
                 if staging.is_dir() and not (final / "manifest.json").exists():
-                    proc.send_signal(signal.SIGKILL)
-                    inj.mid_persist, inj.staging = True, new[0]
-                    inj.note = f"killed while writing {new[0]}" + \
-                        (f" after {misses} missed" if misses else "")
-                    return
+                    return new[0], misses
                 proc.send_signal(signal.SIGCONT)  # the commit beat us: try the next snapshot
                 ignore.update(new)
                 misses += 1
             time.sleep(PERSIST_POLL_S)
-        inj.mid_persist = False
-        if not proc.is_running():
-            raise psutil.NoSuchProcess(hb.pid)
-        proc.send_signal(signal.SIGKILL)  # no persist caught in time: still kill rank 0, say so
-        inj.note = f"no persist caught ({misses} missed): killed rank 0 outside a persist"
+        return None, misses
 
     def _corrupt_newest(self, inj: Injection) -> None:
         store = CheckpointStore(self.run_dir / "checkpoints")
@@ -635,6 +702,16 @@ def expected_evidence(inj: Injection, evs: List[dict], run_dir: Path) -> Tuple[b
                                                 else "removed with a warning" if cleaned
                                                 else "NOT cleaned")
         return ok, evidence
+    if fault.kind is Kind.SECOND_JOB:
+        # Refused, nothing of this run's removed, and the run went on (no failure of its own).
+        went_on = any(e["event"] in ("snapshot_committed", "succeeded") and e["time"] > inj.at
+                      for e in evs)
+        ok = bool(inj.second_refused) and bool(inj.staging_kept) and went_on
+        return ok, ("second job refused (WriterBusyError naming rank 0)" if inj.second_refused
+                    else f"second job NOT refused (exit {inj.exit_code})") + \
+            (f"; {inj.staging} kept" if inj.staging and inj.staging_kept else
+             f"; {inj.staging} REMOVED" if inj.staging else "") + \
+            ("" if went_on else "; the run did not go on")
     if fault.kind is Kind.LAUNCH_KILL:
         ok = "launch process" in cause and "SIGKILL" in cause
         return ok, f"worker_failed: {cause}" if failed else "no worker_failed"
@@ -721,6 +798,8 @@ def analyse(chaos: Chaos, seed: int, reference_digest: Optional[str],
         succeeded = any(e["event"] == "succeeded" and e["attempt"] > inj.attempt for e in evs)
         recovered[inj.fault.index] = ok and resumed is not None and (succeeded or any(
             steps[b][1] > resumed for b in started if b > inj.attempt and steps[b][0] is not None))
+        if inj.fault.kind is Kind.SECOND_JOB:  # the run is not restarted: it must just go on
+            recovered[inj.fault.index] = ok
         mismatch = root_cause_mismatch(inj, evs)
         if mismatch:
             mismatches.append(mismatch)
@@ -877,6 +956,7 @@ def to_json(r: Report, command: str, work_dir: Path) -> dict:
             "landed_step": i.landed_step,
             "pid": i.pid, "exit_code": i.exit_code, "mid_persist": i.mid_persist,
             "corrupted": i.corrupted, "corrupted_offset": i.corrupted_offset, "note": i.note,
+            "second_refused": i.second_refused, "staging_kept": i.staging_kept,
             "cause": r.causes.get(i.fault.index), "recovered": r.recovered.get(i.fault.index),
             "crash_step": r.redone_by_attempt.get(i.attempt, (None, None))[0],
             "resumed_step": r.redone_by_attempt.get(i.attempt, (None, None))[1],
@@ -915,7 +995,8 @@ def _raise_interrupt(signum, frame):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--faults", type=int, default=6, help="how many faults (default 6)")
+    p.add_argument("--faults", type=int, default=len(Kind),
+                   help=f"how many faults (default {len(Kind)}: one of each kind)")
     p.add_argument("--seed", type=int, default=1, help="the schedule's seed (default 1)")
     p.add_argument("--max-steps", type=int, default=None,
                    help="training steps (default max(300, 100 + 20 x faults))")
@@ -976,7 +1057,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("chaos: interrupted; the run's processes are killed", file=sys.stderr)
         return 130
     finally:
-        for run_dir in (work_dir / "reference", work_dir / "run"):
+        for run_dir in (work_dir / "reference", work_dir / "run", *work_dir.glob("second-*/")):
             kill_all(run_dir)
         signal.signal(signal.SIGTERM, previous)
     print()

@@ -3,9 +3,14 @@
 Two phases (DESIGN.md "Checkpoints"): *capture* copies the state to host memory on
 the training thread (fast: into buffers reused from one snapshot to the next,
 :mod:`host_copy`); *persist* writes, fsyncs, hashes and commits it on a
-background thread. At most one persist is in flight: the next capture waits for
-it, and a persist error is raised on the training thread at the next save or at
-the end, never lost (orbax's async save).
+background thread. At most one persist is in flight: a snapshot due while one runs
+is skipped (logged, a ``snapshot_skipped`` event), since waiting for it would hold
+this rank out of the next collective; only the final and the stop's snapshot wait.
+A persist error is raised on the training thread at the next save or at the end,
+never lost (orbax's async save).
+
+Restore is an agreement (:mod:`restore_agreement`): rank 0 chooses the snapshot,
+every other rank loads exactly that one or the attempt fails.
 
 Who writes what: rank 0 writes the model, the optimizer state and
 ``trainer_state.json`` and commits. With a sharded optimizer every rank writes its
