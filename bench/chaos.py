@@ -37,12 +37,13 @@ persist_kill    when a ``.staging-step-*`` directory appears:       worker_faile
 corrupt         as preempt; while the run is stopped, flip a byte   preempted; the rerun's workers log
                 in ``model.safetensors`` of the newest complete     "skipping snapshot" naming the file
                 snapshot, then rerun                                and resume from an older one
-second_job      SIGSTOP rank 0 the moment a ``.staging-step-*``     (in ``second-N.log``) the second
-                directory appears (as persist_kill), start a        job fails with WriterBusyError
-                second ``paddlerun run`` on the same checkpoints    naming rank 0's pid; the staging
-                directory (its own run dir ``second-N/``), SIGCONT  directory is still there when it
-                rank 0 once the second job's rank 0 has failed.     has failed; the run goes on
-                The run is not restarted                            (a snapshot committed later)
+second_job      freeze the run (SIGSTOP rank 0 the moment a         (in ``second-N.log``) the second
+                ``.staging-step-*`` directory appears, as           job fails with WriterBusyError
+                persist_kill, then the supervisor and the rest),    naming rank 0's pid; the staging
+                start a second ``paddlerun run`` on the same        directory is still there when it
+                checkpoints directory (run dir ``second-N/``),      has failed; the run goes on
+                thaw the run once the second job's rank 0 failed    (a snapshot committed later)
+                (at most 25 s later). The run is not restarted
 ==============  ==================================================  ==============================
 
 At the end every check must pass for exit 0: the run succeeded; every scheduled fault was
@@ -65,6 +66,7 @@ Imports no paddle.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -95,6 +97,8 @@ POLL_S = 0.05
 #: How often the checkpoints directory is looked at while waiting for a persist.
 PERSIST_POLL_S = 0.002
 EVERY_STEPS = 10
+#: second_job: the longest the run stays frozen while the second job starts.
+FREEZE_S = 25.0
 HEARTBEAT_S = 0.25
 #: Exit code of a preempted ``paddlerun run`` (README "Exit codes").
 REQUEUE = 75
@@ -555,36 +559,51 @@ class Chaos:
         inj.note = f"no persist caught ({misses} missed): killed rank 0 outside a persist"
 
     def _second_job_mid_persist(self, inj: Injection, hb: Heartbeat) -> None:
-        """A second ``paddlerun run`` on this run's checkpoints directory while rank 0 is
-        stopped in the middle of a persist: it must fail naming rank 0's pid before it
-        removes anything (the staging directory must survive it). Rank 0 is stopped only
-        until the second job's rank 0 has failed (its error file), not for the whole of its
-        teardown: the run's hang timeout counts meanwhile."""
+        """A second ``paddlerun run`` on this run's checkpoints directory while rank 0 is in
+        the middle of a persist: it must fail naming rank 0's pid before it removes anything
+        (the staging directory must survive it), and the run must go on.
+
+        The whole run is frozen meanwhile (SIGSTOP: rank 0 the moment a staging directory
+        appears, then the supervisor, the launcher and the other ranks), as a paused VM
+        would be: the second job's start-up (import paddle, 3-20 s on a busy machine) then
+        neither counts as a hang nor lets the run finish first. The ranks are thawed once the
+        second job's rank 0 has failed (its error file), at most FREEZE_S later (a rank
+        waiting in an all-reduce times out after 30 s of wall time), the supervisor only once
+        both ranks have made progress again."""
         proc = self._rank0(inj, hb)
         staging, misses = self._stop_mid_persist(proc)
+        if staging is None:
+            proc.send_signal(signal.SIGSTOP)  # freeze the run all the same
+        frozen = [proc] + self._freeze_the_rest(proc.pid)
+        steps = {r: b.step for r, b in read_heartbeats(self.run_dir / "heartbeats",
+                                                       attempt=inj.attempt).items()}
         ckpt = self.run_dir / "checkpoints"
         second_dir = self.work_dir / f"second-{inj.fault.index}"
         log_path = self.work_dir / f"second-{inj.fault.index}.log"
         argv = self.job.argv(second_dir) + ["--set", f"checkpoint.dir={ckpt}"]
         failed_file = second_dir / "errors" / "attempt-0" / "rank-0.json"
+        thawed = False
         try:
             with open(log_path, "wb") as log:
                 second = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                           start_new_session=True)
             try:
                 wait_until(lambda: second.poll() is not None or failed_file.exists(),
-                           self._remaining(180), "the second job's rank 0 to fail")
-                inj.staging_kept = staging is None or (ckpt / staging).is_dir()
-            finally:
-                if staging is not None:
-                    proc.send_signal(signal.SIGCONT)
+                           self._remaining(FREEZE_S), "the second job's rank 0 to fail")
+            except ChaosError:
+                inj.note = f"the second job took over {FREEZE_S:g} s to start: thawed the run first; "
+            inj.staging_kept = staging is None or (ckpt / staging).is_dir()
+            self._thaw(frozen, steps)
+            thawed = True
             try:
                 inj.exit_code = second.wait(timeout=self._remaining(120))
             except subprocess.TimeoutExpired:
-                inj.note = "the second job did not exit within 120 s; "
+                inj.note += "the second job did not exit within 120 s; "
         finally:
-            if staging is not None and proc.is_running():
-                proc.send_signal(signal.SIGCONT)
+            if not thawed:
+                for p in frozen:
+                    with contextlib.suppress(psutil.Error):
+                        p.send_signal(signal.SIGCONT)
             left = kill_all(second_dir)
             if left and inj.exit_code is not None:
                 self.leftovers.append(f"after the second job of fault {inj.fault.index} exited: "
@@ -597,6 +616,38 @@ class Chaos:
                      else f"no persist caught ({misses} missed): second job started outside one")
         inj.note += f"; it exited {inj.exit_code}" + ("" if inj.staging_kept else
                                                        f"; {staging} was REMOVED by it")
+
+    def _freeze_the_rest(self, rank0_pid: int) -> List[psutil.Process]:
+        """SIGSTOP the run's supervisor first (so it sees nothing), then its other processes."""
+        procs = [p for p in processes_of(self.run_dir) if p.pid != rank0_pid]
+        procs.sort(key=lambda p: p.pid != self.proc.pid)
+        stopped = []
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                p.send_signal(signal.SIGSTOP)
+                stopped.append(p)
+        return stopped
+
+    def _thaw(self, frozen: List[psutil.Process], steps: Dict[int, int]) -> None:
+        """SIGCONT the workers and the launcher, wait until every rank has stepped on (fresh
+        heartbeats, fresh progress), then the supervisor."""
+        supervisor = [p for p in frozen if p.pid == self.proc.pid]
+        for p in frozen:
+            if p.pid != self.proc.pid:
+                with contextlib.suppress(psutil.Error):
+                    p.send_signal(signal.SIGCONT)
+
+        def stepped_on():
+            beats = read_heartbeats(self.run_dir / "heartbeats")
+            return all(r in beats and (beats[r].step > s or beats[r].phase == "done")
+                       for r, s in steps.items())
+        try:
+            wait_until(stepped_on, self._remaining(20), "the ranks to step on after the thaw")
+        except ChaosError:
+            pass  # the supervisor judges it
+        for p in supervisor:
+            with contextlib.suppress(psutil.Error):
+                p.send_signal(signal.SIGCONT)
 
     def _stop_mid_persist(self, proc: psutil.Process) -> Tuple[Optional[str], int]:
         """SIGSTOP rank 0 the moment a new staging directory appears while its commit has not
