@@ -43,7 +43,8 @@ second_job      freeze the run (SIGSTOP rank 0 the moment a         (in ``second
                 start a second ``paddlerun run`` on the same        directory is still there when it
                 checkpoints directory (run dir ``second-N/``),      has failed; the run goes on
                 thaw the run once the second job's rank 0 failed    (a snapshot committed later)
-                (at most 25 s later). The run is not restarted
+                (at most 20 s later; it runs one worker).
+                The run is not restarted
 ==============  ==================================================  ==============================
 
 At the end every check must pass for exit 0: the run succeeded; every scheduled fault was
@@ -98,7 +99,7 @@ POLL_S = 0.05
 PERSIST_POLL_S = 0.002
 EVERY_STEPS = 10
 #: second_job: the longest the run stays frozen while the second job starts.
-FREEZE_S = 25.0
+FREEZE_S = 20.0
 HEARTBEAT_S = 0.25
 #: Exit code of a preempted ``paddlerun run`` (README "Exit codes").
 REQUEUE = 75
@@ -568,8 +569,9 @@ class Chaos:
         would be: the second job's start-up (import paddle, 3-20 s on a busy machine) then
         neither counts as a hang nor lets the run finish first. The ranks are thawed once the
         second job's rank 0 has failed (its error file), at most FREEZE_S later (a rank
-        waiting in an all-reduce times out after 30 s of wall time), the supervisor only once
-        both ranks have made progress again."""
+        waiting in an all-reduce times out after 30 s of wall time; a second job that has not
+        failed by then is killed first, and the fault counts as not recovered), the supervisor
+        only once both ranks have made progress again."""
         proc = self._rank0(inj, hb)
         staging, misses = self._stop_mid_persist(proc)
         if staging is None:
@@ -580,7 +582,9 @@ class Chaos:
         ckpt = self.run_dir / "checkpoints"
         second_dir = self.work_dir / f"second-{inj.fault.index}"
         log_path = self.work_dir / f"second-{inj.fault.index}.log"
-        argv = self.job.argv(second_dir) + ["--set", f"checkpoint.dir={ckpt}"]
+        # One worker: its rank 0 reaches the claim sooner than two that share the cores.
+        argv = self.job.argv(second_dir) + ["--set", f"checkpoint.dir={ckpt}",
+                                            "--set", "launch.nproc_per_node=1"]
         failed_file = second_dir / "errors" / "attempt-0" / "rank-0.json"
         thawed = False
         try:
@@ -591,7 +595,11 @@ class Chaos:
                 wait_until(lambda: second.poll() is not None or failed_file.exists(),
                            self._remaining(FREEZE_S), "the second job's rank 0 to fail")
             except ChaosError:
-                inj.note = f"the second job took over {FREEZE_S:g} s to start: thawed the run first; "
+                # Killed before the run thaws: it must never find the directory free (a run
+                # that fails meanwhile releases its claim) and train on it.
+                kill_all(second_dir)
+                inj.note = (f"the second job did not reach its claim within {FREEZE_S:g} s (a busy "
+                            f"machine): killed, not exercised; ")
             inj.staging_kept = staging is None or (ckpt / staging).is_dir()
             self._thaw(frozen, steps)
             thawed = True
@@ -642,7 +650,7 @@ class Chaos:
             return all(r in beats and (beats[r].step > s or beats[r].phase == "done")
                        for r, s in steps.items())
         try:
-            wait_until(stepped_on, self._remaining(20), "the ranks to step on after the thaw")
+            wait_until(stepped_on, self._remaining(60), "the ranks to step on after the thaw")
         except ChaosError:
             pass  # the supervisor judges it
         for p in supervisor:
