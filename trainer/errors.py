@@ -2,7 +2,7 @@
 
 On an uncaught exception a worker writes ``RUN_DIR/errors/attempt-N/rank-K.json``
 with its traceback, so the supervisor can report the first failure by rank and
-cause instead of the launcher's generic exit code (STYLE.md: torch elastic).
+cause instead of the launcher's generic exit code (docs/conventions.md#errors).
 """
 from __future__ import annotations
 
@@ -21,10 +21,12 @@ NOT_RETRIABLE = ("ConfigError", "FactoryError", "StateMismatch", "FileNotFoundEr
                  "ModuleNotFoundError", "ImportError", "WriterBusyError")
 
 
-# What gloo raises in a survivor when a peer died or stopped answering (PADDLE_NOTES.md),
-# and what the shared-memory gradient sum raises then (trainer/shm_reduce.py).
+# What gloo raises in a survivor when a peer died or stopped answering
+# (docs/paddle-behaviour.md#peer-failures), and what the shared-memory gradient sum
+# raises then (trainer/shm_reduce.py).
 PEER_FAILURE_TEXT = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
-                      "TIMEOUT", "Timed out", "timed out", "Connection refused", "peer died")
+                      "TIMEOUT", "Timed out", "timed out", "Connection refused", "peer died",
+                      "peer gave up")
 
 
 def is_peer_failure(exc: BaseException) -> bool:
