@@ -37,14 +37,14 @@ persist_kill    when a ``.staging-step-*`` directory appears:       worker_faile
 corrupt         as preempt; while the run is stopped, flip a byte   preempted; the rerun's workers log
                 in ``model.safetensors`` of the newest complete     "skipping snapshot" naming the file
                 snapshot, then rerun                                and resume from an older one
-second_job      freeze the run (SIGSTOP rank 0 the moment a         (in ``second-N.log``) the second
-                ``.staging-step-*`` directory appears, as           job fails with WriterBusyError
-                persist_kill, then the supervisor and the rest),    naming rank 0's pid; the staging
-                start a second ``paddlerun run`` on the same        directory is still there when it
-                checkpoints directory (run dir ``second-N/``),      has failed; the run goes on
-                thaw the run once the second job's rank 0 failed    (a snapshot committed later)
-                (at most 20 s later; it runs one worker).
-                The run is not restarted
+second_job      start a second ``paddlerun run`` (run dir           (in ``second-N.log``) the second
+                ``second-N/``, one worker) on the same              job fails with WriterBusyError
+                checkpoints directory, its rank 0 held at a test    naming rank 0's pid; the staging
+                gate before its claim; freeze the run (SIGSTOP      directory is still there when it
+                rank 0 the moment a ``.staging-step-*`` directory   has failed; the run goes on
+                appears, as persist_kill, then the supervisor and   (a snapshot committed later)
+                the rest), open the gate, thaw the run once the
+                second job's rank 0 failed. No restart
 ==============  ==================================================  ==============================
 
 At the end every check must pass for exit 0: the run succeeded; every scheduled fault was
@@ -560,51 +560,55 @@ class Chaos:
         inj.note = f"no persist caught ({misses} missed): killed rank 0 outside a persist"
 
     def _second_job_mid_persist(self, inj: Injection, hb: Heartbeat) -> None:
-        """A second ``paddlerun run`` on this run's checkpoints directory while rank 0 is in
-        the middle of a persist: it must fail naming rank 0's pid before it removes anything
-        (the staging directory must survive it), and the run must go on.
+        """A second ``paddlerun run`` on this run's checkpoints directory claims it while rank
+        0 is in the middle of a persist: it must fail naming rank 0's pid before it removes
+        anything (the staging directory must survive it), and the run must go on.
 
-        The whole run is frozen meanwhile (SIGSTOP: rank 0 the moment a staging directory
-        appears, then the supervisor, the launcher and the other ranks), as a paused VM
-        would be: the second job's start-up (import paddle, 3-20 s on a busy machine) then
-        neither counts as a hang nor lets the run finish first. The ranks are thawed once the
-        second job's rank 0 has failed (its error file), at most FREEZE_S later (a rank
-        waiting in an all-reduce times out after 30 s of wall time; a second job that has not
-        failed by then is killed first, and the fault counts as not recovered), the supervisor
-        only once both ranks have made progress again."""
+        The second job (one worker) starts while the run trains; its rank 0 waits before its
+        claim at a test gate (PADDLERUN_TEST_GATE_BEFORE_CLAIM) until the chaos runner has
+        frozen the run (SIGSTOP: rank 0 the moment a staging directory appears, then the
+        supervisor and the rest, as a paused VM), then opens the gate. Its start-up (import
+        paddle: 3-30 s on a busy machine) thus never counts against the run; the run is
+        frozen only from the persist to the second job's failure (about a second), at most
+        FREEZE_S (a rank in an all-reduce times out after 30 s of wall time), and the
+        supervisor is thawed only once both ranks have stepped on."""
         proc = self._rank0(inj, hb)
-        staging, misses = self._stop_mid_persist(proc)
-        if staging is None:
-            proc.send_signal(signal.SIGSTOP)  # freeze the run all the same
-        frozen = [proc] + self._freeze_the_rest(proc.pid)
-        steps = {r: b.step for r, b in read_heartbeats(self.run_dir / "heartbeats",
-                                                       attempt=inj.attempt).items()}
         ckpt = self.run_dir / "checkpoints"
         second_dir = self.work_dir / f"second-{inj.fault.index}"
         log_path = self.work_dir / f"second-{inj.fault.index}.log"
-        # One worker: its rank 0 reaches the claim sooner than two that share the cores.
+        gate = self.work_dir / f"second-{inj.fault.index}.gate"
         argv = self.job.argv(second_dir) + ["--set", f"checkpoint.dir={ckpt}",
                                             "--set", "launch.nproc_per_node=1"]
         failed_file = second_dir / "errors" / "attempt-0" / "rank-0.json"
-        thawed = False
+        frozen: List[psutil.Process] = []
+        staging, thawed, misses, killed = None, False, 0, False
         try:
             with open(log_path, "wb") as log:
                 second = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                          start_new_session=True)
+                                          start_new_session=True,
+                                          env={**os.environ, "PADDLERUN_TEST_GATE_BEFORE_CLAIM": str(gate)})
+            wait_until(lambda: second.poll() is not None or Path(f"{gate}.waiting").exists(),
+                       self._remaining(300), "the second job's rank 0 to reach its claim")
+            staging, misses = self._stop_mid_persist(proc)
+            if staging is None:
+                proc.send_signal(signal.SIGSTOP)  # freeze the run all the same
+            steps = {r: b.step for r, b in read_heartbeats(self.run_dir / "heartbeats",
+                                                           attempt=inj.attempt).items()}
+            frozen = [proc] + self._freeze_the_rest(proc.pid)
+            gate.touch()
             try:
                 wait_until(lambda: second.poll() is not None or failed_file.exists(),
                            self._remaining(FREEZE_S), "the second job's rank 0 to fail")
             except ChaosError:
-                # Killed before the run thaws: it must never find the directory free (a run
-                # that fails meanwhile releases its claim) and train on it.
-                kill_all(second_dir)
-                inj.note = (f"the second job did not reach its claim within {FREEZE_S:g} s (a busy "
-                            f"machine): killed, not exercised; ")
+                kill_all(second_dir)  # before the thaw: it must never find the directory free
+                killed = True
+                inj.note = f"the second job did not fail within {FREEZE_S:g} s of its claim: killed; "
             inj.staging_kept = staging is None or (ckpt / staging).is_dir()
             self._thaw(frozen, steps)
             thawed = True
             try:
-                inj.exit_code = second.wait(timeout=self._remaining(120))
+                code = second.wait(timeout=self._remaining(120))
+                inj.exit_code = None if killed else code
             except subprocess.TimeoutExpired:
                 inj.note += "the second job did not exit within 120 s; "
         finally:
@@ -620,8 +624,8 @@ class Chaos:
         inj.second_refused = inj.exit_code not in (None, 0) and "WriterBusyError" in out \
             and f"pid {hb.pid}," in out
         inj.mid_persist, inj.staging = staging is not None, staging
-        inj.note += (f"second job started while rank 0 was stopped writing {staging}" if staging
-                     else f"no persist caught ({misses} missed): second job started outside one")
+        inj.note += (f"second job claimed while rank 0 was stopped writing {staging}" if staging
+                     else f"no persist caught ({misses} missed): second job claimed outside one")
         inj.note += f"; it exited {inj.exit_code}" + ("" if inj.staging_kept else
                                                        f"; {staging} was REMOVED by it")
 

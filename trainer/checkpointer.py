@@ -101,6 +101,7 @@ class Checkpointer:
         self.is_writer = env.rank == 0
         self._claim = None
         if self.is_writer:
+            _test_gate_before_claim()
             # Claim first: a second job on this directory must fail here, before prepare()
             # removes the staging directory of the snapshot the first job is writing.
             self._claim = self.store.open_writer({
@@ -565,6 +566,19 @@ def _write_all(staging, files: Dict[str, Dict[str, np.ndarray]], side_by_side: b
         futures = [pool.submit(staging.write_tensors, name, arrays) for name, arrays in files.items()]
     for future in futures:
         future.result()
+
+
+def _test_gate_before_claim() -> None:
+    """Test-only: with PADDLERUN_TEST_GATE_BEFORE_CLAIM=FILE, rank 0 creates FILE.waiting and
+    claims the checkpoints directory only once FILE exists (at most 10 min later), so that a
+    test can time a second job's claim to the moment the first job is mid-persist."""
+    gate = os.environ.get("PADDLERUN_TEST_GATE_BEFORE_CLAIM")
+    if not gate:
+        return
+    Path(gate + ".waiting").touch()
+    deadline = time.monotonic() + 600
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def _test_read_fault(env: WorkerEnv, path: Path) -> None:
