@@ -384,6 +384,8 @@ class Chaos:
         self.started_at = 0.0
         self.wall_s = 0.0
         self.error: Optional[str] = None
+        #: second_job faults: their second ``paddlerun run``, started ahead (by fault index).
+        self.second_jobs: Dict[int, subprocess.Popen] = {}
 
     # -- processes
 
@@ -428,6 +430,8 @@ class Chaos:
             self._start()
             for fault in self.schedule:
                 inj = Injection(fault)
+                if fault.kind is Kind.SECOND_JOB:
+                    self._start_second_job(fault)  # it starts up while the run trains
                 while True:
                     fired = self._wait_for_trigger(fault)
                     if fired is None:
@@ -559,34 +563,43 @@ class Chaos:
         proc.send_signal(signal.SIGKILL)  # no persist caught in time: still kill rank 0, say so
         inj.note = f"no persist caught ({misses} missed): killed rank 0 outside a persist"
 
+    def _second_job_paths(self, fault: Fault) -> Tuple[Path, Path, Path]:
+        return (self.work_dir / f"second-{fault.index}", self.work_dir / f"second-{fault.index}.log",
+                self.work_dir / f"second-{fault.index}.gate")
+
+    def _start_second_job(self, fault: Fault) -> None:
+        """Start the second job of ``fault`` (one worker; no start-up or hang timeout of its
+        own): its rank 0 waits at the gate before its claim until the fault fires."""
+        second_dir, log_path, gate = self._second_job_paths(fault)
+        argv = self.job.argv(second_dir) + [
+            "--set", f"checkpoint.dir={self.run_dir / 'checkpoints'}", "--set", "launch.nproc_per_node=1",
+            "--set", "supervisor.hang_timeout_s=3600", "--set", "supervisor.start_timeout_s=3600"]
+        with open(log_path, "wb") as log:
+            self.second_jobs[fault.index] = subprocess.Popen(
+                argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, "PADDLERUN_TEST_GATE_BEFORE_CLAIM": str(gate)})
+
     def _second_job_mid_persist(self, inj: Injection, hb: Heartbeat) -> None:
         """A second ``paddlerun run`` on this run's checkpoints directory claims it while rank
         0 is in the middle of a persist: it must fail naming rank 0's pid before it removes
         anything (the staging directory must survive it), and the run must go on.
 
-        The second job (one worker) starts while the run trains; its rank 0 waits before its
-        claim at a test gate (PADDLERUN_TEST_GATE_BEFORE_CLAIM) until the chaos runner has
-        frozen the run (SIGSTOP: rank 0 the moment a staging directory appears, then the
-        supervisor and the rest, as a paused VM), then opens the gate. Its start-up (import
-        paddle: 3-30 s on a busy machine) thus never counts against the run; the run is
-        frozen only from the persist to the second job's failure (about a second), at most
-        FREEZE_S (a rank in an all-reduce times out after 30 s of wall time), and the
-        supervisor is thawed only once both ranks have stepped on."""
+        The second job (one worker) was started when the fault before this one fired; its
+        rank 0 waits before its claim at a test gate (PADDLERUN_TEST_GATE_BEFORE_CLAIM).
+        Here the run is frozen (SIGSTOP: rank 0 the moment a staging directory appears, then
+        the supervisor and the rest, as a paused VM) and the gate opened. Its start-up
+        (import paddle: 3-30 s on a busy machine) thus never counts against the run; the
+        run is frozen only from the persist to the second job's failure (about a second),
+        at most FREEZE_S (a rank in an all-reduce times out after 30 s of wall time), and
+        the supervisor is thawed only once both ranks have stepped on."""
         proc = self._rank0(inj, hb)
         ckpt = self.run_dir / "checkpoints"
-        second_dir = self.work_dir / f"second-{inj.fault.index}"
-        log_path = self.work_dir / f"second-{inj.fault.index}.log"
-        gate = self.work_dir / f"second-{inj.fault.index}.gate"
-        argv = self.job.argv(second_dir) + ["--set", f"checkpoint.dir={ckpt}",
-                                            "--set", "launch.nproc_per_node=1"]
+        second_dir, log_path, gate = self._second_job_paths(inj.fault)
+        second = self.second_jobs[inj.fault.index]
         failed_file = second_dir / "errors" / "attempt-0" / "rank-0.json"
         frozen: List[psutil.Process] = []
         staging, thawed, misses, killed = None, False, 0, False
         try:
-            with open(log_path, "wb") as log:
-                second = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                          start_new_session=True,
-                                          env={**os.environ, "PADDLERUN_TEST_GATE_BEFORE_CLAIM": str(gate)})
             wait_until(lambda: second.poll() is not None or Path(f"{gate}.waiting").exists(),
                        self._remaining(300), "the second job's rank 0 to reach its claim")
             staging, misses = self._stop_mid_persist(proc)
@@ -631,7 +644,12 @@ class Chaos:
 
     def _freeze_the_rest(self, rank0_pid: int) -> List[psutil.Process]:
         """SIGSTOP the run's supervisor first (so it sees nothing), then its other processes."""
-        procs = [p for p in processes_of(self.run_dir) if p.pid != rank0_pid]
+        second = str(self.work_dir / "second-")  # a second job names the run's checkpoints too
+        procs = []
+        for p in processes_of(self.run_dir):
+            with contextlib.suppress(psutil.Error):
+                if p.pid != rank0_pid and not any(second in part for part in p.cmdline()):
+                    procs.append(p)
         procs.sort(key=lambda p: p.pid != self.proc.pid)
         stopped = []
         for p in procs:

@@ -570,13 +570,13 @@ def _write_all(staging, files: Dict[str, Dict[str, np.ndarray]], side_by_side: b
 
 def _test_gate_before_claim() -> None:
     """Test-only: with PADDLERUN_TEST_GATE_BEFORE_CLAIM=FILE, rank 0 creates FILE.waiting and
-    claims the checkpoints directory only once FILE exists (at most 10 min later), so that a
+    claims the checkpoints directory only once FILE exists (at most 30 min later), so that a
     test can time a second job's claim to the moment the first job is mid-persist."""
     gate = os.environ.get("PADDLERUN_TEST_GATE_BEFORE_CLAIM")
     if not gate:
         return
     Path(gate + ".waiting").touch()
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + 1800
     while not os.path.exists(gate) and time.monotonic() < deadline:
         time.sleep(0.02)
 
