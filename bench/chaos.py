@@ -1,6 +1,6 @@
 """Chaos run: attack a real paddlerun job with random faults, then prove nothing was lost.
 
-    python bench/chaos.py                                      # 8 faults, one of each kind, seed 1 (~4 min on 2 cores)
+    python bench/chaos.py                                      # 9 faults, one of each kind, seed 1 (~4-5 min on 2 cores)
     python bench/chaos.py --faults 4 --seed 1 --json out.json  # fewer faults; the figures as JSON too
     python bench/chaos.py --faults 50 --seed 2024 --hang-timeout 15 --json chaos-50.json   # the soak (~15-25 min)
     python bench/chaos.py --faults 8 --seed 3 --reference-digest SHA256  # skip the uninterrupted run
@@ -44,6 +44,14 @@ startup_preempt SIGKILL a worker (rank: salt % nproc); the moment   worker_faile
                 the restart's attempt has started (no heartbeat     SIGKILL"; the next attempt's
                 yet), SIGTERM the supervisor; expect exit 75 (it    preempted "nothing to save ...",
                 has nothing to save: no grace), rerun               exit 75
+second_job      start a second ``paddlerun run`` (run dir           (in ``second-N.log``) the second
+                ``second-N/``, one worker) on the same              job fails with WriterBusyError
+                checkpoints directory, its rank 0 held at a test    naming rank 0's pid; the staging
+                gate before its claim; freeze the run (SIGSTOP      directory is still there when it
+                rank 0 the moment a ``.staging-step-*`` directory   has failed; the run goes on
+                appears, as persist_kill, then the supervisor and   (a snapshot committed later)
+                the rest), open the gate, thaw the run once the
+                second job's rank 0 failed. No restart
 ==============  ==================================================  ==============================
 
 At the end every check must pass for exit 0: the run succeeded; every scheduled fault was
@@ -66,6 +74,7 @@ Imports no paddle.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -97,6 +106,8 @@ POLL_S = 0.05
 #: How often the checkpoints directory is looked at while waiting for a persist.
 PERSIST_POLL_S = 0.002
 EVERY_STEPS = 10
+#: second_job: the longest the run stays frozen while the second job starts.
+FREEZE_S = 20.0
 HEARTBEAT_S = 0.25
 #: Exit code of a preempted ``paddlerun run`` (docs/failures.md#preemption-and-exit-codes).
 REQUEUE = 75
@@ -120,6 +131,7 @@ class Kind(str, Enum):
     CORRUPT = "corrupt"
     SUPERVISOR_KILL = "supervisor_kill"
     STARTUP_PREEMPT = "startup_preempt"
+    SECOND_JOB = "second_job"
 
 
 #: Faults after which the run is stopped (exit 75, or the supervisor is killed) and the
@@ -157,6 +169,8 @@ class Injection:
     #: supervisor_kill: seconds until no process of the run was left; startup_preempt:
     #: seconds from the SIGTERM to the supervisor's exit.
     stopped_s: Optional[float] = None
+    second_refused: Optional[bool] = None  # second_job: it failed naming rank 0's pid
+    staging_kept: Optional[bool] = None    # second_job: the staging dir survived it
     note: str = ""
 
 
@@ -386,6 +400,8 @@ class Chaos:
         self.started_at = 0.0
         self.wall_s = 0.0
         self.error: Optional[str] = None
+        #: second_job faults: their second ``paddlerun run``, started ahead (by fault index).
+        self.second_jobs: Dict[int, subprocess.Popen] = {}
 
     # -- processes
 
@@ -432,6 +448,8 @@ class Chaos:
             self._start()
             for fault in self.schedule:
                 inj = Injection(fault)
+                if fault.kind is Kind.SECOND_JOB:
+                    self._start_second_job(fault)  # it starts up while the run trains
                 while True:
                     fired = self._wait_for_trigger(fault)
                     if fired is None:
@@ -459,7 +477,7 @@ class Chaos:
                          f"{inj.landed_step}{f' ({inj.note})' if inj.note else ''}")
                 if fault.kind in RERUN_KINDS:
                     self._stop_and_rerun(inj)
-                else:
+                elif fault.kind is not Kind.SECOND_JOB:  # that one must not stop the run
                     self._wait_for_next_attempt(inj.attempt)
             else:
                 code = self._wait_exit(1800, "after the last fault")
@@ -556,16 +574,154 @@ class Chaos:
             self.proc.send_signal(signal.SIGTERM)
         elif fault.kind is Kind.PERSIST_KILL:
             self._kill_mid_persist(inj, beats[0])
+        elif fault.kind is Kind.SECOND_JOB:
+            self._second_job_mid_persist(inj, beats[0])
         inj.landed_step = last_logged_step(self.run_dir, inj.attempt)
 
-    def _kill_mid_persist(self, inj: Injection, hb: Heartbeat) -> None:
-        """SIGKILL rank 0 while it is writing a snapshot: stop it the moment a staging
-        directory appears, make sure the commit has not happened yet, then kill it."""
-        ckpt = self.run_dir / "checkpoints"
+    def _rank0(self, inj: Injection, hb: Heartbeat) -> psutil.Process:
         proc = psutil.Process(hb.pid)  # psutil checks the process's start time before each signal
         if not hb.identity.alive():
             raise psutil.NoSuchProcess(hb.pid)  # rank 0 gone (its pid perhaps reused)
         inj.pid = hb.pid
+        return proc
+
+    def _kill_mid_persist(self, inj: Injection, hb: Heartbeat) -> None:
+        """SIGKILL rank 0 while it is writing a snapshot: stop it the moment a staging
+        directory appears, make sure the commit has not happened yet, then kill it."""
+        proc = self._rank0(inj, hb)
+        staging, misses = self._stop_mid_persist(proc)
+        if staging is not None:
+            proc.send_signal(signal.SIGKILL)
+            inj.mid_persist, inj.staging = True, staging
+            inj.note = f"killed while writing {staging}" + (f" after {misses} missed" if misses else "")
+            return
+        inj.mid_persist = False
+        if not proc.is_running():
+            raise psutil.NoSuchProcess(hb.pid)
+        proc.send_signal(signal.SIGKILL)  # no persist caught in time: still kill rank 0, say so
+        inj.note = f"no persist caught ({misses} missed): killed rank 0 outside a persist"
+
+    def _second_job_paths(self, fault: Fault) -> Tuple[Path, Path, Path]:
+        return (self.work_dir / f"second-{fault.index}", self.work_dir / f"second-{fault.index}.log",
+                self.work_dir / f"second-{fault.index}.gate")
+
+    def _start_second_job(self, fault: Fault) -> None:
+        """Start the second job of ``fault`` (one worker; no start-up or hang timeout of its
+        own): its rank 0 waits at the gate before its claim until the fault fires."""
+        second_dir, log_path, gate = self._second_job_paths(fault)
+        argv = self.job.argv(second_dir) + [
+            "--set", f"checkpoint.dir={self.run_dir / 'checkpoints'}", "--set", "launch.nproc_per_node=1",
+            "--set", "supervisor.hang_timeout_s=3600", "--set", "supervisor.start_timeout_s=3600"]
+        with open(log_path, "wb") as log:
+            self.second_jobs[fault.index] = subprocess.Popen(
+                argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, "PADDLERUN_TEST_GATE_BEFORE_CLAIM": str(gate)})
+
+    def _second_job_mid_persist(self, inj: Injection, hb: Heartbeat) -> None:
+        """A second ``paddlerun run`` on this run's checkpoints directory claims it while rank
+        0 is in the middle of a persist: it must fail naming rank 0's pid before it removes
+        anything (the staging directory must survive it), and the run must go on.
+
+        The second job (one worker) was started when the fault before this one fired; its
+        rank 0 waits before its claim at a test gate (PADDLERUN_TEST_GATE_BEFORE_CLAIM).
+        Here the run is frozen (SIGSTOP: rank 0 the moment a staging directory appears, then
+        the supervisor and the rest, as a paused VM) and the gate opened. Its start-up
+        (import paddle: 3-30 s on a busy machine) thus never counts against the run; the
+        run is frozen only from the persist to the second job's failure (about a second),
+        at most FREEZE_S (a rank in an all-reduce times out after 30 s of wall time), and
+        the supervisor is thawed only once both ranks have stepped on."""
+        proc = self._rank0(inj, hb)
+        ckpt = self.run_dir / "checkpoints"
+        second_dir, log_path, gate = self._second_job_paths(inj.fault)
+        second = self.second_jobs[inj.fault.index]
+        failed_file = second_dir / "errors" / "attempt-0" / "rank-0.json"
+        frozen: List[psutil.Process] = []
+        staging, thawed, misses, killed = None, False, 0, False
+        try:
+            wait_until(lambda: second.poll() is not None or Path(f"{gate}.waiting").exists(),
+                       self._remaining(300), "the second job's rank 0 to reach its claim")
+            staging, misses = self._stop_mid_persist(proc)
+            if staging is None:
+                proc.send_signal(signal.SIGSTOP)  # freeze the run all the same
+            steps = {r: b.step for r, b in read_heartbeats(self.run_dir / "heartbeats",
+                                                           attempt=inj.attempt).items()}
+            frozen = [proc] + self._freeze_the_rest(proc.pid)
+            gate.touch()
+            try:
+                wait_until(lambda: second.poll() is not None or failed_file.exists(),
+                           self._remaining(FREEZE_S), "the second job's rank 0 to fail")
+            except ChaosError:
+                kill_all(second_dir)  # before the thaw: it must never find the directory free
+                killed = True
+                inj.note = f"the second job did not fail within {FREEZE_S:g} s of its claim: killed; "
+            inj.staging_kept = staging is None or (ckpt / staging).is_dir()
+            self._thaw(frozen, steps)
+            thawed = True
+            try:
+                code = second.wait(timeout=self._remaining(120))
+                inj.exit_code = None if killed else code
+            except subprocess.TimeoutExpired:
+                inj.note += "the second job did not exit within 120 s; "
+        finally:
+            if not thawed:
+                for p in frozen:
+                    with contextlib.suppress(psutil.Error):
+                        p.send_signal(signal.SIGCONT)
+            left = kill_all(second_dir)
+            if left and inj.exit_code is not None:
+                self.leftovers.append(f"after the second job of fault {inj.fault.index} exited: "
+                                      f"pids {left} of {second_dir}")
+        out = log_path.read_text(errors="replace")
+        inj.second_refused = inj.exit_code not in (None, 0) and "WriterBusyError" in out \
+            and f"pid {hb.pid}," in out
+        inj.mid_persist, inj.staging = staging is not None, staging
+        inj.note += (f"second job claimed while rank 0 was stopped writing {staging}" if staging
+                     else f"no persist caught ({misses} missed): second job claimed outside one")
+        inj.note += f"; it exited {inj.exit_code}" + ("" if inj.staging_kept else
+                                                       f"; {staging} was REMOVED by it")
+
+    def _freeze_the_rest(self, rank0_pid: int) -> List[psutil.Process]:
+        """SIGSTOP the run's supervisor first (so it sees nothing), then its other processes."""
+        second = str(self.work_dir / "second-")  # a second job names the run's checkpoints too
+        procs = []
+        for p in processes_of(self.run_dir):
+            with contextlib.suppress(psutil.Error):
+                if p.pid != rank0_pid and not any(second in part for part in p.cmdline()):
+                    procs.append(p)
+        procs.sort(key=lambda p: p.pid != self.proc.pid)
+        stopped = []
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                p.send_signal(signal.SIGSTOP)
+                stopped.append(p)
+        return stopped
+
+    def _thaw(self, frozen: List[psutil.Process], steps: Dict[int, int]) -> None:
+        """SIGCONT the workers and the launcher, wait until every rank has stepped on (fresh
+        heartbeats, fresh progress), then the supervisor."""
+        supervisor = [p for p in frozen if p.pid == self.proc.pid]
+        for p in frozen:
+            if p.pid != self.proc.pid:
+                with contextlib.suppress(psutil.Error):
+                    p.send_signal(signal.SIGCONT)
+
+        def stepped_on():
+            beats = read_heartbeats(self.run_dir / "heartbeats")
+            return all(r in beats and (beats[r].step > s or beats[r].phase == "done")
+                       for r, s in steps.items())
+        try:
+            wait_until(stepped_on, self._remaining(60), "the ranks to step on after the thaw")
+        except ChaosError:
+            pass  # the supervisor judges it
+        for p in supervisor:
+            with contextlib.suppress(psutil.Error):
+                p.send_signal(signal.SIGCONT)
+
+    def _stop_mid_persist(self, proc: psutil.Process) -> Tuple[Optional[str], int]:
+        """SIGSTOP rank 0 the moment a new staging directory appears while its commit has not
+        happened; returns that directory's name (rank 0 left stopped) and how many persists
+        committed before it could be stopped; (None, misses) after 60 s without one."""
+        ckpt = self.run_dir / "checkpoints"
 
         def staging_dirs():
             try:
@@ -583,20 +739,12 @@ class Chaos:
                 staging = ckpt / new[0]
                 final = ckpt / new[0].replace(".staging-", "", 1)
                 if staging.is_dir() and not (final / "manifest.json").exists():
-                    proc.send_signal(signal.SIGKILL)
-                    inj.mid_persist, inj.staging = True, new[0]
-                    inj.note = f"killed while writing {new[0]}" + \
-                        (f" after {misses} missed" if misses else "")
-                    return
+                    return new[0], misses
                 proc.send_signal(signal.SIGCONT)  # the commit beat us: try the next snapshot
                 ignore.update(new)
                 misses += 1
             time.sleep(PERSIST_POLL_S)
-        inj.mid_persist = False
-        if not proc.is_running():
-            raise psutil.NoSuchProcess(hb.pid)
-        proc.send_signal(signal.SIGKILL)  # no persist caught in time: still kill rank 0, say so
-        inj.note = f"no persist caught ({misses} missed): killed rank 0 outside a persist"
+        return None, misses
 
     def _corrupt_newest(self, inj: Injection) -> None:
         store = CheckpointStore(self.run_dir / "checkpoints")
@@ -673,6 +821,16 @@ def expected_evidence(inj: Injection, evs: List[dict], run_dir: Path) -> Tuple[b
                                                 else "removed with a warning" if cleaned
                                                 else "NOT cleaned")
         return ok, evidence
+    if fault.kind is Kind.SECOND_JOB:
+        # Refused, nothing of this run's removed, and the run went on (no failure of its own).
+        went_on = any(e["event"] in ("snapshot_committed", "succeeded") and e["time"] > inj.at
+                      for e in evs)
+        ok = bool(inj.second_refused) and bool(inj.staging_kept) and went_on
+        return ok, ("second job refused (WriterBusyError naming rank 0)" if inj.second_refused
+                    else f"second job NOT refused (exit {inj.exit_code})") + \
+            (f"; {inj.staging} kept" if inj.staging and inj.staging_kept else
+             f"; {inj.staging} REMOVED" if inj.staging else "") + \
+            ("" if went_on else "; the run did not go on")
     if fault.kind is Kind.LAUNCH_KILL:
         ok = "launch process" in cause and "SIGKILL" in cause
         return ok, f"worker_failed: {cause}" if failed else "no worker_failed"
@@ -772,6 +930,8 @@ def analyse(chaos: Chaos, seed: int, reference_digest: Optional[str],
         succeeded = any(e["event"] == "succeeded" and e["attempt"] > inj.attempt for e in evs)
         recovered[inj.fault.index] = ok and resumed is not None and (succeeded or any(
             steps[b][1] > resumed for b in started if b > inj.attempt and steps[b][0] is not None))
+        if inj.fault.kind is Kind.SECOND_JOB:  # the run is not restarted: it must just go on
+            recovered[inj.fault.index] = ok
         mismatch = root_cause_mismatch(inj, evs)
         if mismatch:
             mismatches.append(mismatch)
@@ -930,6 +1090,7 @@ def to_json(r: Report, command: str, work_dir: Path) -> dict:
             "pid": i.pid, "exit_code": i.exit_code, "mid_persist": i.mid_persist,
             "corrupted": i.corrupted, "corrupted_offset": i.corrupted_offset,
             "stopped_s": i.stopped_s, "note": i.note,
+            "second_refused": i.second_refused, "staging_kept": i.staging_kept,
             "cause": r.causes.get(i.fault.index), "recovered": r.recovered.get(i.fault.index),
             "crash_step": r.redone_by_attempt.get(i.attempt, (None, None))[0],
             "resumed_step": r.redone_by_attempt.get(i.attempt, (None, None))[1],
@@ -1030,7 +1191,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("chaos: interrupted; the run's processes are killed", file=sys.stderr)
         return 130
     finally:
-        for run_dir in (work_dir / "reference", work_dir / "run"):
+        for run_dir in (work_dir / "reference", work_dir / "run", *work_dir.glob("second-*/")):
             kill_all(run_dir)
         signal.signal(signal.SIGTERM, previous)
     print()

@@ -10,7 +10,8 @@ Everything comes from the run directory (docs/architecture.md#the-run-directory)
   this run directory, so a rerun after a preemption counts on);
 - each rank's last heartbeat (``heartbeats/rank-K.json``): pid, step, phase, ages, alive;
 - the newest complete snapshot (manifest and sizes checked, not every sha256: that is
-  ``paddlerun ckpt verify``);
+  ``paddlerun ckpt verify``), and how many due snapshots were skipped because the
+  previous persist was still running (``snapshot_skipped`` events);
 - the last train and eval lines of ``metrics.jsonl`` and ``summary.json``'s status.
 
 Liveness is judged only on this host (pid and process start time, so a reused pid is
@@ -101,6 +102,7 @@ def collect(run_dir: Path, now: float) -> Dict[str, Any]:
         "ranks": [rank_status(hb, now) for _, hb in sorted(read_heartbeats(run_dir / "heartbeats").items())],
         "snapshot": newest_snapshot(run_dir),
         "snapshot_cost": snapshot_cost(events),
+        "snapshots_skipped": snapshots_skipped(events),
         "metrics": last_metrics(run_dir / "metrics.jsonl"),
         "summary": summary_status(run_dir / "summary.json"),
     }
@@ -209,6 +211,15 @@ def snapshot_cost(events: List[dict]) -> Optional[Dict[str, Any]]:
             "persist_s_median": statistics.median(e["persist_s"] for e in timed)}
 
 
+def snapshots_skipped(events: List[dict]) -> Dict[str, Any]:
+    """Due snapshots not taken because the previous persist was still running (the workers'
+    ``snapshot_skipped`` events): how many, and the last one's step and reason."""
+    skipped = [e for e in events if e.get("event") == "snapshot_skipped"]
+    last = skipped[-1] if skipped else {}
+    return {"count": len(skipped), "last_step": last.get("step"), "last_reason": last.get("reason"),
+            "last_in_flight_step": last.get("in_flight_step")}
+
+
 def last_metrics(path: Path) -> Dict[str, Any]:
     """The last train line (it has "loss") and the last eval line ("eval_acc")."""
     train = evaluation = None
@@ -295,6 +306,11 @@ def human(s: Dict[str, Any]) -> str:
     if cost:
         row("", f"{cost['count']} committed; training blocked {cost['capture_s_median'] * 1e3:.1f} ms "
                 f"and persist {cost['persist_s_median'] * 1e3:.0f} ms each (medians)")
+    skipped = s["snapshots_skipped"]
+    if skipped["count"]:
+        row("", f"{skipped['count']} skipped: the previous persist was still running (the last "
+                f"at step {skipped['last_step']}, while step {skipped['last_in_flight_step']} "
+                f"persisted); slow storage? see events.jsonl")
     row("metrics", _metrics_line(s["metrics"], now))
     summary = s["summary"]
     if summary:

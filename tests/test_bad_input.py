@@ -460,7 +460,7 @@ def warnings_of(caplog) -> str:
 @pytest.mark.parametrize("corrupt", STORE_CASES, ids=[c.__name__ for c in STORE_CASES])
 def test_store_refuses_a_lying_snapshot_and_falls_back(tmp_path, caplog, watcher, corrupt):
     store = CheckpointStore(tmp_path / "checkpoints", lock_timeout_s=5)
-    store.prepare()
+    store.open_writer({"run_dir": str(tmp_path)})
     good = _read_model(store, store_snapshot(store, 10))
     bad_file = corrupt(store_snapshot(store, 20), watcher)
     caplog.set_level(logging.WARNING, LOGGER)
@@ -490,7 +490,7 @@ def _read_model(store: CheckpointStore, path: Path) -> dict:
 def test_reading_a_fifo_from_a_listed_snapshot_never_blocks(tmp_path):
     """A reader that lists, then reads (the snapshot may change in between)."""
     store = CheckpointStore(tmp_path / "checkpoints", lock_timeout_s=5)
-    store.prepare()
+    store.open_writer({"run_dir": str(tmp_path)})
     store_snapshot(store, 10)
     listed = store.snapshots()[-1]
     fifo_instead_of_a_file(listed.path, None)
@@ -505,7 +505,7 @@ def test_ckpt_commands_never_open_a_file_outside_the_snapshot(tmp_path, watcher)
     sha256): each command refuses them naming the file, uses the older one, opens nothing outside."""
     run_dir = tmp_path / "run"
     store = CheckpointStore(run_dir / "checkpoints", lock_timeout_s=5)
-    store.prepare()
+    store.open_writer({"run_dir": str(tmp_path)})
     store_snapshot(store, 10)
     symlink_out_of_the_snapshot(store_snapshot(store, 20), watcher)
     manifest_names_parent(store_snapshot(store, 30), watcher)

@@ -115,7 +115,7 @@ def assert_all_runs_left_nothing(work_dir):
 
 @pytest.mark.slow
 def test_a_short_chaos_run_loses_nothing(tmp_path):
-    """One fault of each kind (seed 1, one fault per kind): about 4 minutes on 2 cores.
+    """One fault of each kind (seed 1, one fault per kind): about 4-5 minutes on 2 cores.
 
     ``--hang-timeout 15``: the supervisor's hang timeout also bounds a worker's start-up
     (import paddle, rendezvous), which takes over 8 s on a busy 2-core machine.
@@ -154,6 +154,9 @@ def test_a_short_chaos_run_loses_nothing(tmp_path):
     assert figures["restarts"] >= 4
     persist = next(f for f in figures["faults_detail"] if f["kind"] == "persist_kill")
     assert persist["mid_persist"], persist["note"]
+    second = next(f for f in figures["faults_detail"] if f["kind"] == "second_job")
+    assert second["second_refused"] and second["staging_kept"], second["note"]
+    assert second["mid_persist"], second["note"]
     corrupt = next(f for f in figures["faults_detail"] if f["kind"] == "corrupt")
     assert corrupt["corrupted"].endswith("model.safetensors")
     assert corrupt["resumed_step"] < corrupt["crash_step"], "an older snapshot was used"

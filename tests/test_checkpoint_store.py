@@ -26,6 +26,7 @@ from paddlerun.trainer.checkpoint import (
     CheckpointError,
     CheckpointStore,
     LockTimeoutError,
+    NoWriterClaimError,
     SnapshotInfo,
     SnapshotState,
     Staging,
@@ -63,7 +64,7 @@ def save(store: CheckpointStore, step: int) -> Path:
 @pytest.fixture
 def store(tmp_path) -> CheckpointStore:
     s = CheckpointStore(tmp_path / "run" / "checkpoints", lock_timeout_s=5.0)
-    s.prepare()
+    s.open_writer({"run_dir": str(tmp_path / "run")}).release()  # tests claim again as they need
     return s
 
 
@@ -191,11 +192,35 @@ def test_prepare_removes_stale_staging_and_trash_with_a_warning(store, caplog):
     (trash / "sub").mkdir(parents=True)
     (trash / "sub" / "f").write_bytes(b"x")
     caplog.set_level(logging.WARNING, LOGGER)
-    store.prepare()
+    with store.claim_writer({"run_dir": "the next start"}):
+        store.prepare()
     assert not (store.directory / ".staging-step-00000020").exists() and not trash.exists()
     assert (store.directory / "step-00000010").is_dir()
     warned = warnings_of(caplog)
     assert ".staging-step-00000020" in warned and ".trash-step-00000005-0000" in warned
+
+
+def test_prepare_without_the_writer_claim_is_refused_and_removes_nothing(store):
+    staging = store.stage(20)
+    staging.write_json("trainer_state.json", {})
+    with pytest.raises(NoWriterClaimError, match="claim_writer") as err:
+        store.prepare()  # the fixture's claim is released
+    assert str(store.directory) in str(err.value)
+    with pytest.raises(NoWriterClaimError):
+        CheckpointStore(store.directory).prepare()  # a store that never claimed
+    assert staging.path.is_dir()
+
+
+def test_open_writer_of_a_second_job_fails_before_removing_the_first_job_s_staging(store, spawn):
+    ready = store.directory.parent / "claimed"
+    owner = spawn(CLAIMER, store.directory, "/runs/first", ready)
+    wait_for_file(ready, owner)
+    in_flight = store.stage(30)  # the first job's snapshot being written
+    in_flight.write_json("trainer_state.json", {})
+    second = CheckpointStore(store.directory)
+    with pytest.raises(WriterBusyError, match=f"pid {owner.pid}"):
+        second.open_writer({"run_dir": "/runs/second"})
+    assert in_flight.path.is_dir() and second.claim is None
 
 
 def test_commit_refuses_an_existing_complete_step_and_replaces_a_broken_one(store, caplog):
@@ -573,7 +598,7 @@ def test_the_store_never_imports_paddle():
 
 def test_commit_replaces_a_same_step_snapshot_whose_content_is_corrupt(tmp_path, caplog):
     store = CheckpointStore(tmp_path / "ckpt")
-    store.prepare()
+    store.open_writer({"run_dir": str(tmp_path)})
     first = store.stage(5)
     first.write_bytes("data.bin", b"A" * 64)
     path = store.commit(first, meta={})

@@ -10,6 +10,7 @@ import pytest
 from paddlerun.trainer import state as tstate
 from paddlerun.trainer.checkpoint import CheckpointError, CheckpointStore
 from paddlerun.trainer.checkpointer import PERSIST_NICE
+from paddlerun.trainer.events import EventLog, read_events
 from paddlerun.trainer.loop import Position
 
 from checkpointer_kit import make_checkpointer as make, train_step
@@ -60,6 +61,9 @@ def test_a_failed_async_persist_surfaces_at_the_next_save(tmp_path):
     train_step(trainer)
     ckpt.save(trainer)  # returns at once: the failure happens in the background
     train_step(trainer)
+    deadline = time.time() + 60
+    while ckpt.persisting and time.time() < deadline:  # (a save due meanwhile is skipped)
+        time.sleep(0.01)
     with pytest.raises(CheckpointError, match="persisting a snapshot failed"):
         ckpt.save(trainer)
 
@@ -75,20 +79,26 @@ def test_a_failed_async_persist_surfaces_at_the_end(tmp_path):
     again.close()
 
 
-def test_at_most_one_persist_in_flight(tmp_path, monkeypatch):
+def test_a_snapshot_due_while_the_last_persist_runs_is_skipped_not_waited_for(tmp_path, monkeypatch):
+    """Waiting would hold this rank out of the next collective, where its peers time out."""
     monkeypatch.setenv("PADDLERUN_TEST_PAUSE_BEFORE_COMMIT", "1:1.5")
     ckpt, trainer = make(tmp_path)
+    ckpt.events = EventLog(tmp_path / "events.jsonl")
     train_step(trainer)
     started = time.time()
-    ckpt.save(trainer)
-    assert time.time() - started < 1.5, "the first save only captures"
+    assert ckpt.save(trainer)
     train_step(trainer)
-    ckpt.save(trainer)  # must wait for step 1's persist to commit first
+    assert ckpt.save(trainer) is False, "step 2 is skipped: step 1 still persists"
+    assert time.time() - started < 1.5, "neither save waited for the persist"
+    assert ckpt.skipped == 1
+    skipped = [e for e in read_events(tmp_path / "events.jsonl") if e["event"] == "snapshot_skipped"]
+    assert [(e["step"], e["reason"], e["in_flight_step"]) for e in skipped] == \
+        [(2, "persist_in_flight", 1)]
+    train_step(trainer)
+    assert ckpt.save(trainer, wait=True)  # the final snapshot waits: no collective follows it
     assert time.time() - started >= 1.5
-    steps = [s.step for s in CheckpointStore(tmp_path / "ckpt").snapshots()]
-    assert steps[0] == 1
     ckpt.close()
-    assert [s.step for s in CheckpointStore(tmp_path / "ckpt").snapshots()] == [1, 2]
+    assert [s.step for s in CheckpointStore(tmp_path / "ckpt").snapshots()] == [1, 3]
 
 
 def test_the_persist_thread_runs_nicer_than_training(tmp_path):
@@ -178,7 +188,7 @@ def test_a_save_while_the_last_persist_runs_keeps_both_snapshots_exact(tmp_path,
     ckpt.save(trainer)
     train_step(trainer)
     second = tstate.model_arrays(trainer.layer)
-    ckpt.save(trainer)
+    ckpt.save(trainer, wait=True)  # (a save without wait would be skipped meanwhile)
     ckpt.close()
     store = CheckpointStore(tmp_path / "ckpt")
     by_step = {info.step: info for info in store.snapshots() if info.complete}

@@ -138,7 +138,7 @@ def test_list_names_the_bad_file_of_each_broken_snapshot(real_run, tmp_path, cap
 def test_list_tolerates_retention_deleting_snapshots(tmp_path, capsys):
     """A writer commits snapshot after snapshot with keep_last=1 while we list and verify."""
     store = CheckpointStore(tmp_path / "checkpoints")
-    store.prepare()
+    store.open_writer({"run_dir": str(tmp_path)})
     stop = threading.Event()
     errors = []
 

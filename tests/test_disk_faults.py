@@ -149,7 +149,7 @@ def enospc_sweep(tmp_path_factory) -> List[dict]:
             shutil.rmtree(directory, ignore_errors=True)
             (mount / "filler").unlink(missing_ok=True)
             store = CheckpointStore(directory, lock_timeout_s=10)
-            store.prepare()
+            store.open_writer({"run_dir": str(mount)})
             older = save_snapshot(store, 10)
             if sizes is None:
                 sizes = {name: (older / name).stat().st_size for name in FILES}
@@ -171,11 +171,12 @@ def enospc_sweep(tmp_path_factory) -> List[dict]:
             }
             # The space comes back and the job starts again: prepare() cleans, the save fits.
             (mount / "filler").unlink(missing_ok=True)
-            CheckpointStore(directory, lock_timeout_s=10).prepare()
+            store.prepare()
             outcome["after_prepare"] = sorted(os.listdir(directory))
             if error is not None:
                 retried = save_snapshot(store, 20)
                 outcome["retry_complete"] = inspect_snapshot(retried).complete
+            store.claim.release()  # its lock file is open on the filesystem to unmount
             results.append(outcome)
             if error is None:
                 break
@@ -216,28 +217,32 @@ def test_enospc_error_names_the_file_in_every_phase(enospc_sweep):
         "\n".join(f"  {phase}: {message}" for phase, message in sorted(unnamed.items()))
 
 
-def test_a_restart_on_a_full_disk_can_still_read_its_snapshot_and_claim_after_space_returns(tmp_path):
-    """Reading needs no space (reader marks are empty files); the writer claim does
-    (``.writer.json``): it fails with ENOSPC and releases its lock, so the next start can claim."""
+def test_a_restart_on_a_full_disk_claims_cleans_and_reads_its_snapshot(tmp_path, caplog):
+    """Reading needs no space (reader marks are empty files), nor does the writer claim (a
+    lock on an existing file): the next start on a full disk claims, removes what the
+    interrupted save left (which frees space) and only then writes its owner record."""
     mount = tmp_path / "disk"
     with tmpfs(mount, "1m"):
         store = CheckpointStore(mount / "checkpoints", lock_timeout_s=10)
-        store.prepare()
+        claim = store.open_writer({"run_dir": str(tmp_path)})
         older = save_snapshot(store, 10)
         expected = file_contents(older)
+        store.stage(20).write_json("trainer_state.json", {"step": 20})  # a save cut short
+        claim.release()  # the job died
         leave_free(mount, 0)
-        store.prepare()  # the next start, on a full disk: only deletes
+        with pytest.raises(OSError) as err:
+            (mount / "probe").write_bytes(b"x" * PAGE)
+        assert err.value.errno == 28, "the disk is full"
+        claim = store.open_writer({"run_dir": str(tmp_path)})  # the next start
+        assert claim.held and not (store.directory / ".staging-step-00000020").exists()
+        assert json.loads((store.directory / ".writer.json").read_text())["pid"] == os.getpid(), \
+            "recorded once the stale staging directory was removed"
         newest = store.newest_complete()
         assert newest is not None and newest.step == 10
         with store.reading(newest) as info:
             assert info.read_tensors("model.safetensors")["w"][0, 0] == 10
             assert info.read_json("trainer_state.json")["step"] == 10
-        with pytest.raises(OSError) as err:
-            store.claim_writer({"run_dir": str(tmp_path)})
-        assert err.value.errno == 28
-        (mount / "filler").unlink()
-        with store.claim_writer({"run_dir": str(tmp_path)}) as claim:
-            assert claim.held
+        claim.release()
         assert file_contents(older) == expected
 
 
@@ -250,7 +255,7 @@ EFBIG_CHILD = """if True:
     from paddlerun.trainer.checkpoint import CheckpointStore
     from test_disk_faults import save_snapshot
     store = CheckpointStore(sys.argv[1], lock_timeout_s=10)
-    store.prepare()
+    store.open_writer({"run_dir": sys.argv[1]})
     save_snapshot(store, 10)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write(2) then fails with EFBIG
     limit = int(sys.argv[2])
@@ -304,7 +309,7 @@ def test_efbig_leaves_the_older_snapshot_and_nothing_visible(efbig, name, caplog
 
     caplog.set_level(logging.WARNING, LOGGER)
     store = CheckpointStore(directory, lock_timeout_s=10)
-    store.prepare()  # the next start
+    store.open_writer({"run_dir": str(directory)})  # the next start
     assert not staging.exists()
     assert "removing stale unfinished snapshot" in caplog.text and staging.name in caplog.text
     assert inspect_snapshot(save_snapshot(store, 20)).complete, "without the limit it saves"

@@ -120,7 +120,10 @@ def test_ranks_that_restore_different_snapshots_stop(tmp_path, reference):
     result = sharded_run(tmp_path / "run", TOTAL, f"checkpoint.resume_from={source}",
                          "supervisor.max_restarts=0", timeout=120)
     assert result.returncode == 1
-    assert "the ranks resumed from different snapshots (steps -1 to 30" in result.stdout
+    # Rank 0 chose it (it reads only its own shard); rank 1 must load exactly that one.
+    assert "RestoreDisagreement: rank 0 resumed from step 30 of resume_from" in result.stdout, \
+        result.stdout[-5000:]
+    assert f"rank 1: CheckpointError: {source / SHARDS[1]} is corrupt: sha256" in result.stdout
 
 
 def test_a_snapshot_of_two_shards_resumes_on_one_worker_with_every_shard(tmp_path, reference):

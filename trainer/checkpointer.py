@@ -3,9 +3,14 @@
 Two phases (docs/checkpoints.md#commit): *capture* copies the state to host memory on
 the training thread (fast: into buffers reused from one snapshot to the next,
 :mod:`host_copy`); *persist* writes, fsyncs, hashes and commits it on a
-background thread. At most one persist is in flight: the next capture waits for
-it, and a persist error is raised on the training thread at the next save or at
-the end, never lost (orbax's async save).
+background thread. At most one persist is in flight: a snapshot due while one runs
+is skipped (logged, a ``snapshot_skipped`` event), since waiting for it would hold
+this rank out of the next collective; only the final and the stop's snapshot wait.
+A persist error is raised on the training thread at the next save or at the end,
+never lost (orbax's async save).
+
+Restore is an agreement (:mod:`restore_agreement`): rank 0 chooses the snapshot,
+every other rank loads exactly that one or the attempt fails.
 
 Who writes what: rank 0 writes the model, the optimizer state and
 ``trainer_state.json`` and commits. With a sharded optimizer every rank writes its
@@ -22,7 +27,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from enum import Enum
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import paddle
@@ -33,6 +39,8 @@ from paddlerun.trainer.checkpoint.layout import (MODEL_FILE, OPTIMIZER_FILE, STA
                                                  snapshot_name)
 from paddlerun.trainer.checkpoint import (CheckpointError, CheckpointStore, WriterBusyError,
                                           inspect_snapshot, resolve_snapshot)
+from paddlerun.trainer.restore_agreement import (RestoreChoice, SnapshotSource, agree_on_choice,
+                                                 agree_all_loaded)
 from paddlerun.trainer.config import Config
 from paddlerun.trainer.env import WorkerEnv
 from paddlerun.trainer.host_copy import HostBuffers
@@ -49,6 +57,13 @@ FORMAT_VERSION = 1
 PERSIST_NICE = 10
 REQUIRED_STATE_KEYS = {"format", "step", "epoch", "batch", "world_size", "global_batch_size",
                        "config_hash", "rng", "optimizer_extra"}
+
+
+class SkipReason(str, Enum):
+    """Why a due snapshot was not taken (the ``reason`` of a ``snapshot_skipped`` event)."""
+    #: The previous snapshot's persist had not finished: waiting for it would hold this
+    #: rank out of the next collective, where the others would time out.
+    PERSIST_IN_FLIGHT = "persist_in_flight"
 
 
 @dataclass
@@ -90,11 +105,17 @@ class Checkpointer:
         self.is_writer = env.rank == 0
         self._claim = None
         if self.is_writer:
-            self.store.prepare()
-            self._claim = self.store.claim_writer({
+            _test_gate_before_claim()
+            # Claim first: a second job on this directory must fail here, before prepare()
+            # removes the staging directory of the snapshot the first job is writing.
+            self._claim = self.store.open_writer({
                 "host": socket.gethostname(), "pid": os.getpid(), "run_dir": str(run_dir),
                 "attempt": env.attempt, "started": time.time()})
         self._thread: Optional[threading.Thread] = None
+        #: The step of the persist started last, and when (time.monotonic()).
+        self._in_flight: Tuple[int, float] = (-1, 0.0)
+        #: Snapshots skipped because the previous persist was still running.
+        self.skipped = 0
         # The persist in flight reads these buffers: a capture always waits for it first.
         self._host = HostBuffers()
         #: Write the model and optimizer files side by side, each file's fsync and sha256
@@ -109,10 +130,12 @@ class Checkpointer:
         self.last_saved_step: Optional[int] = None
         #: Test-only pause point "STEP:SECONDS": in a run's first attempt, sleep between
         #: writing that step's files and committing them, so a test can kill the writer
-        #: in the middle of a persist.
+        #: in the middle of a persist (or start a second job meanwhile). The pause ends
+        #: early once the file PADDLERUN_TEST_RELEASE_COMMIT names exists.
         step, _, seconds = os.environ.get("PADDLERUN_TEST_PAUSE_BEFORE_COMMIT", "").partition(":")
         self._pause_before_commit = (int(step), float(seconds)) if seconds and env.attempt == 0 \
             else None
+        self._release_commit = os.environ.get("PADDLERUN_TEST_RELEASE_COMMIT")
 
     # ------------------------------------------------------------ schedule
 
@@ -126,13 +149,23 @@ class Checkpointer:
 
     # ------------------------------------------------------------ save
 
-    def save(self, trainer, reason: str = "scheduled", wait: bool = False) -> None:
-        """Capture now, persist in the background (or at once with ``checkpoint.async: false``)."""
+    def save(self, trainer, reason: str = "scheduled", wait: bool = False) -> bool:
+        """Capture now, persist in the background (or at once with ``wait`` or
+        ``checkpoint.async: false``). Returns False when the snapshot was skipped.
+
+        A snapshot without ``wait`` that is due while the previous persist still runs is
+        skipped (:meth:`_skip_while_persisting`), never waited for: the other ranks go on to
+        the next collective meanwhile, and would time out in it (gloo: 30 s) if this rank
+        waited for a slow persist. ``wait=True`` (the final and the stop's snapshot, after
+        which no collective follows) waits for it.
+        """
         pos = trainer.position
         if self.last_saved_step == pos.step:
             if wait:
                 self.wait()
-            return
+            return True
+        if not wait and self._skip_while_persisting(pos.step, reason):
+            return False
         self.wait()  # at most one persist in flight; raises the previous one's error
         captured = self.capture(trainer, reason, tstate.capture_rng())
         self.last_save_time = time.time()
@@ -140,9 +173,44 @@ class Checkpointer:
         if self.cfg.async_save and not wait:
             self._thread = threading.Thread(target=self._persist_guarded, args=(captured,),
                                             name=f"paddlerun-persist-{pos.step}", daemon=True)
+            self._in_flight = (pos.step, time.monotonic())
             self._thread.start()
         else:
             self.persist(captured)
+        return True
+
+    @property
+    def persisting(self) -> bool:
+        """A background persist is running (its error, if any, is raised by :meth:`wait`)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def _skip_while_persisting(self, step: int, reason: str) -> bool:
+        """Whether to skip the snapshot due at ``step`` because a persist is still running;
+        if so, say so (log, ``snapshot_skipped`` event) and count it.
+
+        Every rank decides alike. Unsharded, only rank 0 persists, so its answer is the
+        only one. Sharded, every rank persists its shard, so the ranks agree through one
+        all-reduce (every rank calls :meth:`save` at the same steps). The step is not
+        retried: a snapshot by steps comes at the next multiple of ``every_steps``; one by
+        time is due again at the next agreement point (``last_save_time`` is unchanged).
+        """
+        busy = self.persisting
+        if self.sharded and self.env.world_size > 1:
+            busy = _on_any_rank(busy)
+        if not busy:
+            return False
+        self.skipped += 1
+        in_flight_step, since = self._in_flight
+        running_s = time.monotonic() - since
+        log.warning("snapshot of step %d (%s) skipped: the persist of step %d is still running "
+                    "(%.1f s so far); %d skipped in this attempt. Slow storage or a large state: "
+                    "raise checkpoint.every_steps / every_seconds", step, reason, in_flight_step,
+                    running_s, self.skipped)
+        if self.events is not None and self.is_writer:
+            self.events.emit("snapshot_skipped", self.env.attempt, step=step,
+                             reason=SkipReason.PERSIST_IN_FLIGHT.value, snapshot_reason=reason,
+                             in_flight_step=in_flight_step, in_flight_s=round(running_s, 3))
+        return True
 
     def capture(self, trainer, reason: str, rng: tuple) -> Captured:
         """Copy the state to host memory. The arrays are reused buffers: call only with no
@@ -194,7 +262,7 @@ class Checkpointer:
         staging.write_json(STATE_FILE, {**c.trainer_state, "rng": tstate.rng_to_json(c.rng)})
         if self._pause_before_commit and self._pause_before_commit[0] == c.step \
                 and c.reason != "emergency":
-            time.sleep(self._pause_before_commit[1])
+            self._test_pause(self._pause_before_commit[1])
         shards = [shard_file(r) for r in range(self.env.world_size)] if self.sharded else []
         path = self.store.commit(staging, meta={
             "step": c.step, "epoch": c.trainer_state["epoch"], "world_size": self.env.world_size,
@@ -207,6 +275,13 @@ class Checkpointer:
                              persist_s=round(time.perf_counter() - started, 6))
         log.info("snapshot step %d committed (%s)", c.step, c.reason)
         return path
+
+    def _test_pause(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self._release_commit and os.path.exists(self._release_commit):
+                return
+            time.sleep(0.05)
 
     def _persist_guarded(self, captured: Captured) -> None:
         _lower_priority(PERSIST_NICE)
@@ -286,23 +361,40 @@ class Checkpointer:
 
     def restore(self, trainer, resume_from: Optional[str] = None):
         """Load the newest complete snapshot into ``trainer``; returns its Position or None.
+        Every rank calls it, at the same point (it is a collective when world > 1).
 
-        The run's own snapshots win over ``resume_from``: after a restart they are newer;
-        ``resume_from`` is tried when none of them restores.
-        Candidates are tried newest first; each file is verified (size, sha256) as it is
-        read, and a snapshot that fails is skipped with a warning for the next older one.
-        With a sharded optimizer every rank reads a different shard, so every file of each
-        of the run's own candidates is hashed before it is tried (all ranks then pick the
-        same one), and the ranks check that they resumed from the same step (which catches
-        a ``resume_from`` snapshot with a corrupt shard).
+        Rank 0 chooses: the run's own snapshots newest first (they win over ``resume_from``:
+        after a restart they are newer), then ``resume_from`` when none of them restores.
+        Each file is verified (size, sha256) as it is read, and a snapshot that fails is
+        skipped with a warning for the next older one. With a sharded optimizer every file
+        of each own candidate is hashed first, the other ranks' shards too.
+
+        Then every other rank loads exactly rank 0's choice -- the same step, the same
+        manifest (its sha256) -- or the attempt fails on every rank with
+        :class:`RestoreDisagreement`, naming the rank and its reason. A rank never falls back
+        on its own: a replica resumed from another snapshot would train on silently diverged.
         """
-        position = self._restore(trainer, resume_from)
-        if self.sharded and self.env.world_size > 1:
-            _check_same_step_on_every_rank(position.step if position else -1)
+        if self.env.world_size == 1:
+            loaded = self._restore_newest(trainer, resume_from)
+            return loaded[0] if loaded else None
+        position, choice, failure = None, RestoreChoice.nothing(), ""
+        if self.env.rank == 0:
+            loaded = self._restore_newest(trainer, resume_from)
+            if loaded:
+                position, choice = loaded
+        choice = agree_on_choice(choice)
+        if self.env.rank != 0 and choice.source is not SnapshotSource.NONE:
+            try:
+                position = self._restore_exactly(trainer, choice, resume_from)
+            except (CheckpointError, tstate.StateMismatch, OSError) as e:
+                failure = f"{type(e).__name__}: {e}"
+                log.error("rank %d cannot load %s, which rank 0 resumed from: %s", self.env.rank,
+                          choice.describe(), failure)
+        agree_all_loaded(choice, failure, self.env.rank, self.env.world_size)
         return position
 
-    def _restore(self, trainer, resume_from: Optional[str]):
-        from paddlerun.trainer.loop import Position
+    def _restore_newest(self, trainer, resume_from: Optional[str]):
+        """Rank 0 (or the only rank): load the newest usable snapshot; (Position, RestoreChoice) or None."""
         candidates = []
         for info in reversed(self.store.snapshots()):
             if info.complete:
@@ -315,48 +407,74 @@ class Checkpointer:
             if self.sharded and path in own and not self._verified_everywhere(path):
                 continue
             try:
-                with self.store.reading(path) as info:
-                    state = info.read_json(STATE_FILE)
-                    if not isinstance(state, dict) or not REQUIRED_STATE_KEYS <= set(state):
-                        raise CheckpointError(f"{path / STATE_FILE} lacks the keys "
-                                              f"{sorted(REQUIRED_STATE_KEYS)}: it is corrupt")
-                    self._check_compatible(state, path)
-                    check_global_batch(state["global_batch_size"], trainer.train.global_batch_size, path)
-                    model = info.read_tensors(MODEL_FILE)
-                    optimizer = _read_optimizer(info, state, self.env.rank,
-                                                self.sharded and state["world_size"] == self.env.world_size)
+                position, manifest_sha256 = self._load(trainer, path)
             except CheckpointError as e:
                 log.warning("skipping snapshot %s: %s", path, e)
                 continue
-            try:
-                tstate.check_model(trainer.layer, model, source=str(path / MODEL_FILE))
-            except tstate.StateMismatch as e:
-                if state["config_hash"] != self.config_hash:
-                    raise  # the model really changed: say so, do not quietly use an older one
-                # Written by this very config, yet it does not fit: it lies, so it is corrupt.
-                log.warning("skipping snapshot %s: %s", path, e)
-                continue
-            tstate.load_model(trainer.layer, model)
-            tstate.restore_optimizer(trainer.optimizer, optimizer, state["optimizer_extra"])
-            tstate.restore_rng(state["rng"])
-            self.last_saved_step = state["step"]
-            self.restored_global_batch_size = state["global_batch_size"]
-            log.info("resumed from %s: step %d, epoch %d, batch %d", path, state["step"],
-                     state["epoch"], state["batch"])
-            if state["world_size"] != self.env.world_size:
-                log.info("the snapshot was written by %d workers, this attempt has %d: the same "
-                         "global batch of %d, now %d per worker", state["world_size"],
-                         self.env.world_size, state["global_batch_size"],
-                         state["global_batch_size"] // self.env.world_size)
-            if self.events is not None and self.env.local_rank == 0:  # once per run directory
-                self.events.emit("resumed", self.env.attempt, snapshot=path.name, step=state["step"],
-                                 from_world_size=state["world_size"], to_world_size=self.env.world_size,
-                                 sharded_optimizer=_sharded_on_disk(state))
-            return Position(step=state["step"], epoch=state["epoch"], batch=state["batch"])
+            source = SnapshotSource.OWN if path in own else SnapshotSource.RESUME_FROM
+            return position, RestoreChoice(source, position.step, manifest_sha256, str(path))
         if candidates or resume_from:
             log.warning("no usable snapshot in %s%s: starting from scratch", self.store.directory,
                         f" or {resume_from}" if resume_from else "")
         return None
+
+    def _restore_exactly(self, trainer, choice: RestoreChoice, resume_from: Optional[str]):
+        """Ranks other than 0: load the snapshot rank 0 chose, and nothing else."""
+        if choice.source is SnapshotSource.OWN:
+            path = self.store.directory / snapshot_name(choice.step)
+        else:
+            path = resolve_snapshot(resume_from, step=choice.step)
+        position, _ = self._load(trainer, path, expect_manifest=choice.manifest_sha256)
+        return position
+
+    def _load(self, trainer, path: Path, expect_manifest: Optional[str] = None):
+        """Read, check and load one snapshot into ``trainer``; (Position, manifest sha256).
+
+        Raises :class:`CheckpointError` when the snapshot is unusable (missing, corrupt, not
+        the manifest expected) and :class:`~state.StateMismatch` when it is intact but does
+        not fit this job (another world size, a changed model)."""
+        from paddlerun.trainer.loop import Position
+        with self.store.reading(path) as info:
+            if expect_manifest is not None and info.manifest_sha256 != expect_manifest:
+                raise CheckpointError(
+                    f"{path}: its manifest (sha256 {str(info.manifest_sha256)[:16]}...) is not the "
+                    f"one rank 0 resumed from ({expect_manifest[:16]}...): this rank sees another "
+                    f"snapshot of that step there", path)
+            _test_read_fault(self.env, path)
+            state = info.read_json(STATE_FILE)
+            if not isinstance(state, dict) or not REQUIRED_STATE_KEYS <= set(state):
+                raise CheckpointError(f"{path / STATE_FILE} lacks the keys "
+                                      f"{sorted(REQUIRED_STATE_KEYS)}: it is corrupt", path)
+            self._check_compatible(state, path)
+            check_global_batch(state["global_batch_size"], trainer.train.global_batch_size, path)
+            model = info.read_tensors(MODEL_FILE)
+            optimizer = _read_optimizer(info, state, self.env.rank,
+                                        self.sharded and state["world_size"] == self.env.world_size)
+            manifest_sha256 = info.manifest_sha256
+        try:
+            tstate.check_model(trainer.layer, model, source=str(path / MODEL_FILE))
+        except tstate.StateMismatch as e:
+            if state["config_hash"] != self.config_hash:
+                raise  # the model really changed: say so, do not quietly use an older one
+            # Written by this very config, yet it does not fit: it lies, so it is corrupt.
+            raise CheckpointError(str(e), path) from e
+        tstate.load_model(trainer.layer, model)
+        tstate.restore_optimizer(trainer.optimizer, optimizer, state["optimizer_extra"])
+        tstate.restore_rng(state["rng"])
+        self.last_saved_step = state["step"]
+        self.restored_global_batch_size = state["global_batch_size"]
+        log.info("resumed from %s: step %d, epoch %d, batch %d", path, state["step"],
+                 state["epoch"], state["batch"])
+        if state["world_size"] != self.env.world_size:
+            log.info("the snapshot was written by %d workers, this attempt has %d: the same "
+                     "global batch of %d, now %d per worker", state["world_size"],
+                     self.env.world_size, state["global_batch_size"],
+                     state["global_batch_size"] // self.env.world_size)
+        if self.events is not None and self.env.local_rank == 0:  # once per run directory
+            self.events.emit("resumed", self.env.attempt, snapshot=path.name, step=state["step"],
+                             from_world_size=state["world_size"], to_world_size=self.env.world_size,
+                             sharded_optimizer=_sharded_on_disk(state))
+        return Position(step=state["step"], epoch=state["epoch"], batch=state["batch"]), manifest_sha256
 
     @staticmethod
     def _verified_everywhere(path: Path) -> bool:
@@ -454,21 +572,33 @@ def _write_all(staging, files: Dict[str, Dict[str, np.ndarray]], side_by_side: b
         future.result()
 
 
-def _check_same_step_on_every_rank(step: int) -> None:
-    """Sharded optimizer: refuse to train on when ranks restored different snapshots (-1: none).
+def _test_gate_before_claim() -> None:
+    """Test-only: with PADDLERUN_TEST_GATE_BEFORE_CLAIM=FILE, rank 0 creates FILE.waiting and
+    claims the checkpoints directory only once FILE exists (at most 30 min later), so that a
+    test can time a second job's claim to the moment the first job is mid-persist."""
+    gate = os.environ.get("PADDLERUN_TEST_GATE_BEFORE_CLAIM")
+    if not gate:
+        return
+    Path(gate + ".waiting").touch()
+    deadline = time.monotonic() + 1800
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.02)
 
-    Each rank reads only its own shard; if one of them could not read it, that rank fell
-    back to an older snapshot while the others did not, and training on would mix steps.
-    """
-    bounds = paddle.to_tensor([step, -step], dtype="int64")
-    dist.all_reduce(bounds, op=dist.ReduceOp.MAX)
-    newest, oldest = bounds.numpy().tolist()
-    oldest = -oldest
-    if newest != oldest:
-        raise CheckpointError(
-            f"the ranks resumed from different snapshots (steps {oldest} to {newest}; -1: none); "
-            f"with a sharded optimizer each rank reads its own shard and one of them failed to "
-            f"read it: see the workers' warnings and run `paddlerun ckpt verify` on the checkpoints")
+
+def _test_read_fault(env: WorkerEnv, path: Path) -> None:
+    """Test-only: PADDLERUN_TEST_RESTORE_READ_FAILS="RANK:ATTEMPT" makes that rank's reads of
+    snapshots fail in that attempt, as a transient I/O error on one host would."""
+    rank, _, attempt = os.environ.get("PADDLERUN_TEST_RESTORE_READ_FAILS", "").partition(":")
+    if attempt and int(rank) == env.rank and int(attempt) == env.attempt:
+        raise CheckpointError(f"cannot read {path / MODEL_FILE}: [Errno 5] Input/output error "
+                              f"(injected by PADDLERUN_TEST_RESTORE_READ_FAILS)", path)
+
+
+def _on_any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on any (a collective: every rank calls it)."""
+    t = paddle.to_tensor([int(flag)], dtype="int64")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.numpy()[0])
 
 
 def _lower_priority(increment: int) -> None:

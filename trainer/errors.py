@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Dict, Optional
 
 #: Exception types that no restart can fix; the supervisor gives up on them at once.
+#: WriterBusyError: another live job writes the checkpoints directory; a restart would only
+#: meet it again (its message names that job's host and pid).
 NOT_RETRIABLE = ("ConfigError", "FactoryError", "StateMismatch", "FileNotFoundError",
-                 "ModuleNotFoundError", "ImportError")
+                 "ModuleNotFoundError", "ImportError", "WriterBusyError")
 
 
 # What gloo raises in a survivor when a peer died or stopped answering

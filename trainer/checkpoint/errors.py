@@ -27,8 +27,16 @@ class LockTimeoutError(CheckpointError):
 
 
 class WriterBusyError(CheckpointError):
-    """Another live process owns the checkpoint directory (see ``CheckpointStore.claim_writer``)."""
+    """Another live process owns the checkpoint directory (see ``CheckpointStore.claim_writer``).
+
+    Not a fault a restart fixes while that process lives: ``owner`` names it (host, pid,
+    run dir), and the message says to stop it or use another directory.
+    """
 
     def __init__(self, message: str, path: Path, owner: dict) -> None:
         super().__init__(message, path)
         self.owner = owner
+
+
+class NoWriterClaimError(CheckpointError):
+    """A writer-only operation (``CheckpointStore.prepare``) was called without the writer claim."""

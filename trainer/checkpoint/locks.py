@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import fcntl
 import json
 import os
@@ -137,11 +138,32 @@ class WriterClaim:
         me = psutil.Process()
         self.owner = {**owner, "host": socket.gethostname(), "pid": me.pid,
                       "process_start_unix": me.create_time(), "claimed_unix": time.time()}
+        #: Whether ``.writer.json`` names this process (see :meth:`record`).
+        self.recorded = False
         try:
-            replace_file(self.owner_path, (json.dumps(self.owner, indent=1, default=str) + "\n").encode())
+            self.record()
         except BaseException:
             self._lock.release()
             raise
+
+    def record(self) -> bool:
+        """Write ``.writer.json`` naming this process; True once written.
+
+        A full disk (ENOSPC, EDQUOT) does not fail the claim: the lock is the claim and
+        needs no space, and the job's start (``CheckpointStore.open_writer``) first frees
+        what an interrupted save left, then records again. Meanwhile the stale record of a
+        previous owner is removed, so a second claimant is never told a dead job's pid.
+        """
+        try:
+            replace_file(self.owner_path, (json.dumps(self.owner, indent=1, default=str) + "\n").encode())
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            with contextlib.suppress(OSError):
+                self.owner_path.unlink()
+            return False
+        self.recorded = True
+        return True
 
     def _busy(self, directory: Path) -> WriterBusyError:
         try:

@@ -1,6 +1,7 @@
 """A snapshot as readers see it: :class:`SnapshotInfo`, and reading its files against the manifest."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -42,6 +43,15 @@ class SnapshotInfo:
     def files(self) -> Dict[str, FileRecord]:
         """The files the manifest records, by name (empty without a valid manifest)."""
         return {r.name: r for r in mf.records(self.manifest)} if self.manifest else {}
+
+    @property
+    def manifest_sha256(self) -> Optional[str]:
+        """The identity of this snapshot's manifest (sha256 of its canonical JSON), which names
+        every file's sha256: two ranks that see the same value read the same bytes."""
+        if self.manifest is None:
+            return None
+        return hashlib.sha256(json.dumps(self.manifest, sort_keys=True, separators=(",", ":"))
+                              .encode()).hexdigest()
 
     def to_json(self) -> dict:
         return {"path": str(self.path), "step": self.step, "state": self.state.value,

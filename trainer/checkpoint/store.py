@@ -2,8 +2,10 @@
 
 Who calls what:
 
-- at start, rank 0 only: ``claim_writer(owner)`` (unless the supervisor holds the claim),
-  then ``prepare()``, before any rank saves;
+- at start, rank 0 only: ``open_writer(owner)`` -- ``claim_writer(owner)``, then
+  ``prepare()`` -- before any rank saves. ``prepare()`` refuses to run without the claim:
+  it removes every staging directory, and one of them may be the snapshot another live
+  job is writing;
 - every rank that writes a file: ``staging = store.stage(step)``, ``staging.write_*(...)``;
 - rank 0: ``store.commit(staging, meta, expect_files=<other ranks' files>)``, then
   ``store.apply_retention(keep_last, keep_every_steps)``;
@@ -29,7 +31,7 @@ from typing import Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 from . import layout
 from . import manifest as mf
 from .atomic import FileRecord, fsync_dir, write_bytes
-from .errors import CheckpointError, StepAlreadyExistsError
+from .errors import CheckpointError, NoWriterClaimError, StepAlreadyExistsError
 from .locks import ReaderMark, WriterClaim, exclusive
 from .retention import steps_to_keep
 from .snapshot import SnapshotInfo, _inspect, inspect_snapshot
@@ -51,6 +53,8 @@ class CheckpointStore:
                              f"got {lock_timeout_s!r}")
         self.directory = Path(directory)
         self.lock_timeout_s = float(lock_timeout_s)
+        #: This store's writer claim, once :meth:`claim_writer` succeeded.
+        self.claim: Optional[WriterClaim] = None
 
     def __repr__(self) -> str:
         return f"CheckpointStore({str(self.directory)!r})"
@@ -65,15 +69,43 @@ class CheckpointStore:
         """Claim this directory for this process's job, or fail at once naming the owner's host and pid.
 
         ``owner`` (e.g. ``{"run_dir": ...}``) is recorded next to host, pid and start time.
-        Keep the returned claim referenced for the job's life; the kernel releases it when
-        this process dies.
+        The store keeps the claim (:attr:`claim`) for :meth:`prepare`; it is released by
+        ``claim.release()``, or by the kernel when this process dies.
+        Raises :class:`WriterBusyError` when another process holds it.
         """
         self.directory.mkdir(parents=True, exist_ok=True)
-        return WriterClaim(self.directory, layout.WRITER_LOCK_NAME, layout.WRITER_OWNER_NAME, owner)
+        self.claim = WriterClaim(self.directory, layout.WRITER_LOCK_NAME, layout.WRITER_OWNER_NAME,
+                                 owner)
+        return self.claim
+
+    def open_writer(self, owner: Mapping) -> WriterClaim:
+        """The start of a writing job: :meth:`claim_writer`, then :meth:`prepare`. A second job
+        on this directory fails here, with the first job's host and pid, before it touches
+        anything of the first job's."""
+        claim = self.claim_writer(owner)
+        try:
+            self.prepare()
+            if not claim.recorded and not claim.record():
+                logger.warning("claimed %s, but its owner record %s cannot be written (the disk "
+                               "is full): a second job would not be told this one's pid",
+                               self.directory, claim.owner_path)
+        except BaseException:
+            claim.release()
+            self.claim = None
+            raise
+        return claim
 
     def prepare(self) -> None:
         """Create the directory and remove what an interrupted save or retention left. Rank 0 only,
-        at start, before any rank calls :meth:`stage`."""
+        at start, before any rank calls :meth:`stage`, holding the writer claim
+        (:meth:`claim_writer`; :meth:`open_writer` does both): without it, the staging
+        directory removed might be the snapshot another live job is writing."""
+        if self.claim is None or not self.claim.held:
+            raise NoWriterClaimError(
+                f"prepare() on {self.directory} without the writer claim: it removes every "
+                f".staging-* directory, which may be a snapshot another job is writing right now. "
+                f"Call claim_writer(owner) first (or open_writer(owner), which does both).",
+                self.directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         (self.directory / layout.READERS_DIR).mkdir(exist_ok=True)
         with exclusive(self.lock_path, self.lock_timeout_s, "remove stale staging directories"):
@@ -302,10 +334,12 @@ class CheckpointStore:
         return trash
 
 
-def resolve_snapshot(path: Union[str, os.PathLike], verify: bool = True) -> Path:
+def resolve_snapshot(path: Union[str, os.PathLike], verify: bool = True,
+                     step: Optional[int] = None) -> Path:
     """The snapshot ``path`` means: a snapshot dir itself (returned as is, not checked: use
     :func:`inspect_snapshot`), a checkpoints dir (its newest complete snapshot) or a run dir
-    (``RUN_DIR/checkpoints``'s newest complete snapshot)."""
+    (``RUN_DIR/checkpoints``'s newest complete snapshot). With ``step``, a checkpoints or run
+    dir means its snapshot of that step (returned unchecked, like a snapshot dir)."""
     p = Path(path)
     expected = "expected a snapshot dir (step-XXXXXXXX), a checkpoints dir or a run dir"
     if not p.is_dir():
@@ -313,6 +347,8 @@ def resolve_snapshot(path: Union[str, os.PathLike], verify: bool = True) -> Path
     if layout.parse_step(p.name) is not None or (p / mf.MANIFEST_NAME).exists():
         return p
     directory = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+    if step is not None:
+        return directory / layout.snapshot_name(step)
     store = CheckpointStore(directory)
     if directory == p and not store._step_dirs() and not store.lock_path.exists():
         raise CheckpointError(f"{p} holds no snapshot, no step-* directory and no checkpoints/; {expected}", p)
