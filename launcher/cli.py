@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--master", help="script mode: host:port of the rendezvous master")
     run.set_defaults(handler=cmd_run)
     add_inspect_commands(sub)
+    from paddlerun.cluster import slurm_cmd
+    slurm_cmd.add_parser(sub)
     return parser
 
 
@@ -185,10 +187,12 @@ def cmd_run(args, script_args: List[str]) -> int:
             raise UsageError(f"--script {args.script}: no such file")
     elif script_args:
         raise UsageError("arguments after '--' are for --script mode only")
+    from paddlerun.cluster.slurm_job import inside_slurm  # finds its place from SLURM_*
+    config, scheduler = inside_slurm(config, run_dir)
     check_paddle_installed(config)
     preflight.check(config)
     spec = LaunchSpec(config=config, run_dir=run_dir, script=script, script_args=tuple(script_args))
-    return Supervisor(spec).run()
+    return Supervisor(spec, scheduler=scheduler).run()
 
 
 def resolve_run_config(args) -> Config:

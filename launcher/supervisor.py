@@ -27,10 +27,11 @@ from paddlerun.launcher.exit_watch import ExitWatch
 from paddlerun.launcher.launch import LaunchSpec
 from paddlerun.launcher.process_tree import ProcessTree, become_subreaper
 from paddlerun.launcher.restart_policy import Failure, RestartPolicy
+from paddlerun.launcher.scheduler import NoScheduler, StopNotice
 from paddlerun.trainer import control
 from paddlerun.trainer.config import dump_config
-from paddlerun.trainer.events import EventLog
-from paddlerun.trainer.heartbeat import clear_heartbeats, read_heartbeats, stale_ranks
+from paddlerun.trainer.events import EventLog, read_events
+from paddlerun.trainer.heartbeat import clear_heartbeats, heartbeat_path, read_heartbeats, stale_ranks
 from paddlerun.trainer.metrics import write_json_atomic
 
 log = logging.getLogger("paddlerun.supervisor")
@@ -57,7 +58,8 @@ class State(str, Enum):
 
 
 TRANSITIONS = {
-    State.STARTING: {State.RUNNING, State.FAILED},
+    # STARTING -> GAVE_UP: earlier starts of the same scheduler job spent the budget.
+    State.STARTING: {State.RUNNING, State.FAILED, State.GAVE_UP},
     State.RUNNING: {State.SUCCEEDED, State.FAILED, State.PREEMPTED},
     State.FAILED: {State.RESTARTING, State.GAVE_UP, State.PREEMPTED},
     State.RESTARTING: {State.STARTING, State.PREEMPTED},
@@ -93,8 +95,11 @@ class RunDirBusy(RuntimeError):
 
 
 class Supervisor:
-    def __init__(self, spec: LaunchSpec, stream=None):
+    def __init__(self, spec: LaunchSpec, stream=None, scheduler=None):
         self.spec = spec
+        self.scheduler = scheduler or NoScheduler()
+        self.node_dir = spec.node_dir
+        self.multi_node = spec.config.launch.nnodes > 1
         self.config = spec.config
         self.run_dir = spec.run_dir
         self.stream = stream or sys.stdout
@@ -107,6 +112,8 @@ class Supervisor:
         self.exits = ExitWatch(POLL_S)
         self.attempt_started = 0.0
         self.signals: List[int] = []
+        #: Why the run is stopping (a signal to this process or the scheduler's notice).
+        self.stop: Optional[StopNotice] = None
         self.events: Optional[EventLog] = None
         self.console = LaunchLogForwarder(self.stream)
         self._dead: Dict[int, tuple] = {}
@@ -130,6 +137,12 @@ class Supervisor:
             State.STARTING: self._start, State.RUNNING: self._watch,
             State.FAILED: self._fail, State.RESTARTING: self._restart,
         }
+        if len(self.failures) > self.config.supervisor.max_restarts:
+            self._transition(State.GAVE_UP)
+            reason = (f"restart budget spent by earlier starts of this job: {len(self.failures)} "
+                      f"failures, supervisor.max_restarts={self.config.supervisor.max_restarts}")
+            self._emit("gave_up", reason=reason, root_cause=self.failures[-1].cause)
+            print(f"paddlerun: giving up: {reason}", file=sys.stderr)
         try:
             while self.state not in TERMINAL:
                 self._transition(handlers[self.state]())
@@ -139,6 +152,7 @@ class Supervisor:
                 self.tree.close(TEARDOWN_TERM_S)
             self._restore_signal_handlers(previous)
             self._write_summary()
+            self.scheduler.before_exit(self.run_dir, self.state is State.PREEMPTED)
             self._lock.release()
         return self._exit_code()
 
@@ -148,14 +162,27 @@ class Supervisor:
         self.state = new
 
     def _emit(self, event: str, **details) -> None:
-        self.events.emit(event, self.attempt, state=self.state.value, **details)
+        if self.multi_node:
+            details["node"] = self.config.launch.node_rank
+        self.events.emit(event, self.attempt, state=self.state.value,
+                         **self.scheduler.event_fields(), **details)
+
+    def _stop_asked(self) -> bool:
+        """A signal or the scheduler's notice asked this run to stop (remembered in self.stop)."""
+        if self.stop is None:
+            if self.signals:
+                name = signal.Signals(self.signals[0]).name
+                self.stop = StopNotice(self.scheduler.cause_of(name), name)
+            else:
+                self.stop = self.scheduler.notice()
+        return self.stop is not None
 
     # ------------------------------------------------------------ states
 
     def _prepare(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = FileLock(str(self.run_dir / ".supervisor.lock"))
-        owner_file = self.run_dir / "supervisor.json"
+        self.node_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = FileLock(str(self.node_dir / ".supervisor.lock"))
+        owner_file = self.node_dir / "supervisor.json"
         try:
             self._lock.acquire(timeout=0)
         except Timeout:
@@ -166,11 +193,12 @@ class Supervisor:
                                        "started": time.time()})
         dump_config(self.config, self.run_dir / "config.yaml")
         self.events = EventLog(self.run_dir / "events.jsonl")
-        self.attempt = self.first_attempt = next_attempt_number(self.run_dir)
+        self.attempt = self.first_attempt = next_attempt_number(self.node_dir)
+        self.failures = self.scheduler.earlier_failures(read_events(self.run_dir / "events.jsonl"))
         control.clear(self.run_dir)
 
     def _start(self) -> State:
-        clear_heartbeats(self.run_dir / "heartbeats")
+        self._clear_local_heartbeats()
         control.clear(self.run_dir)
         log_dir = self.spec.log_dir(self.attempt)
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -205,10 +233,10 @@ class Supervisor:
         scanned_at = 0.0
         while True:
             self.console.forward()
-            if self.signals:
+            if self._stop_asked():
                 return self._preempt()
             now = time.time()
-            beats = read_heartbeats(hb_dir, attempt=self.attempt)
+            beats = self._local(read_heartbeats(hb_dir, attempt=self.attempt))
             local = {r: hb for r, hb in beats.items() if hb.host == self.host}
             for hb in local.values():
                 self.tree.add_known(hb.pid, hb.create_time)
@@ -263,7 +291,7 @@ class Supervisor:
             self._wait_for_workers_to_exit(LAUNCH_EXIT_GRACE_S)
         self._teardown("failure")
         self._print_report(failure)
-        if self.signals:
+        if self._stop_asked():
             return State.PREEMPTED
         decision = self.policy.decide(self.failures, time.time())
         if not decision.restart:
@@ -280,8 +308,8 @@ class Supervisor:
 
     def _restart(self) -> State:
         while time.time() < self._backoff_until:
-            if self.signals:
-                self._emit("preempted", during="backoff")
+            if self._stop_asked():
+                self._emit("preempted", during="backoff", cause=self.stop.cause, signal=self.stop.signal)
                 return State.PREEMPTED
             self.exits.sleep(max(self._backoff_until - time.time(), 0))
         self.attempt += 1
@@ -289,22 +317,25 @@ class Supervisor:
 
     def _preempt(self) -> State:
         """Ask the workers for a snapshot, give them the grace period, then stop everything."""
-        first = self.signals[0]
+        stop = self.stop
         grace = self.config.supervisor.preempt_grace_s
-        self._emit("preempt_requested", signal=signal.Signals(first).name, grace_s=grace)
-        log.info("%s: asking the workers for a snapshot (grace %.0f s; signal again to stop at once)",
-                 signal.Signals(first).name, grace)
-        control.request_stop(self.run_dir, reason=signal.Signals(first).name)
+        self._emit("preempt_requested", signal=stop.signal, cause=stop.cause, grace_s=grace)
+        log.info("%s (%s): asking the workers for a snapshot (grace %.0f s; signal again to stop "
+                 "at once)", stop.signal, stop.cause, grace)
+        control.request_stop(self.run_dir, reason=stop.signal)
         deadline = time.time() + grace
         while time.time() < deadline and len(self.signals) < 2 and self.tree.poll() is None:
             self.console.forward()
             self.exits.sleep(POLL_S)  # a second signal or the launcher's exit wakes it at once
         self.console.forward()
-        clean = self.tree.poll() == 0
+        code = self.tree.poll()
+        clean = code == 0
         self._teardown("preempted")
-        self._emit("preempted", signal=signal.Signals(first).name, clean=clean,
+        self._emit("preempted", signal=stop.signal, cause=stop.cause, clean=clean,
                    how="workers saved and exited" if clean else
-                   "second signal" if len(self.signals) > 1 else "grace period ran out")
+                   "second signal" if len(self.signals) > 1 else
+                   "grace period ran out" if code is None else
+                   f"the launch ended with exit code {code} before a clean stop")
         return State.PREEMPTED
 
     # ------------------------------------------------------------ helpers
@@ -320,12 +351,31 @@ class Supervisor:
         deadline = time.time() + timeout_s
         while self.tree.poll() is None and time.time() < deadline and len(self.signals) < 2:
             self.console.forward()
-            local = {r: hb for r, hb in read_heartbeats(hb_dir, attempt=self.attempt).items()
+            local = {r: hb for r, hb in self._local(read_heartbeats(hb_dir, attempt=self.attempt)).items()
                      if hb.host == self.host}
             dead = dead_ranks(local)
             if local and all(r in dead or hb.phase == "done" for r, hb in local.items()):
                 return
             self.exits.sleep(POLL_S)  # the survivor's exit wakes it at once
+
+    def _local(self, beats) -> dict:
+        """This node's ranks only: the nodes of a job may share the run directory (and, in
+        tests, the host), and each supervisor watches and stops its own workers alone."""
+        if not self.multi_node:
+            return beats
+        return {r: hb for r, hb in beats.items() if r in self.spec.local_ranks}
+
+    def _clear_local_heartbeats(self) -> None:
+        hb_dir = self.run_dir / "heartbeats"
+        if not self.multi_node:
+            clear_heartbeats(hb_dir)
+            return
+        hb_dir.mkdir(parents=True, exist_ok=True)
+        for rank in self.spec.local_ranks:
+            try:
+                heartbeat_path(hb_dir, rank).unlink()
+            except FileNotFoundError:
+                pass
 
     def _teardown(self, why: str) -> None:
         killed = self.tree.close(TEARDOWN_TERM_S)
@@ -374,11 +424,11 @@ class Supervisor:
         if self.state is State.SUCCEEDED:
             return exit_codes.SUCCESS
         if self.state is State.PREEMPTED:
-            return exit_codes.INTERRUPTED if self.signals[0] == signal.SIGINT else exit_codes.REQUEUE
+            return exit_codes.INTERRUPTED if self.stop.signal == "SIGINT" else exit_codes.REQUEUE
         return exit_codes.FAILED
 
     def _write_summary(self) -> None:
-        path = self.run_dir / "summary.json"
+        path = self.node_dir / "summary.json"
         summary = {}
         if self.state is State.SUCCEEDED and path.is_file():
             try:
