@@ -5,7 +5,8 @@ The batch shell sees what the supervisors may not live to write: ``scancel --ful
 a hard requeue SIGKILL the steps at once (srun answers its own SIGTERM so). Its events,
 ``slurm_started``, ``slurm_signal`` (cause ``time_limit`` or ``preemption``) and
 ``slurm_ended`` (srun's exit, whether the job was requeued), carry ``slurm_job_id`` and
-``slurm_restart_count`` like the supervisors'. Values that look like integers are
+``slurm_restart_count`` like the supervisors' (and, as ``attempt``, the restart count: the
+script runs once per start). Values that look like integers are
 written as integers. An event that cannot be written never fails the job.
 """
 from __future__ import annotations
@@ -30,9 +31,12 @@ def main(argv=None) -> int:
     for item in argv[2:]:
         key, _, text = item.partition("=")
         details[key] = value(text)
+    # Its "attempt" is the start's restart count: the batch script runs once per start.
+    attempt = details.get("slurm_restart_count", 0)
     try:
-        EventLog(run_dir / "events.jsonl").emit(event, None, **details)
-    except (OSError, ValueError) as e:
+        EventLog(run_dir / "events.jsonl").emit(event, attempt if isinstance(attempt, int) else 0,
+                                                **details)
+    except (OSError, ValueError, TypeError) as e:
         print(f"paddlerun-slurm: cannot write event {event} to {run_dir}/events.jsonl: {e}",
               file=sys.stderr)
     return 0

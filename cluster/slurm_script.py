@@ -7,10 +7,11 @@ passes Slurm's notices on and decides whether the job goes back into the queue:
 - SIGUSR1 (``--signal=B:USR1@S``, S seconds before the time limit) and SIGTERM
   (preemption, ``scancel --full``) are written to ``RUN_DIR/control/scheduler.json``,
   which every node's supervisor watches: they snapshot and exit 75;
-- srun's exit: 0 the training finished (never requeued), 1 the supervisors gave up
-  (budget spent, counted across requeues) and 2 bad config: the job ends there. 75 (a
-  snapshot was taken on request) or any other end (a node lost, srun killed the step):
-  ``scontrol requeue``, and the next start resumes from the newest complete snapshot.
+- after srun, cluster/slurm_end.py decides from the supervisors' events of this start
+  and srun's exit: finished (never requeued), a supervisor gave up (budget spent,
+  counted across requeues) or a bad config: the job ends there. Otherwise (75 after a
+  snapshot, a node lost, srun killed the step): ``scontrol requeue``, and the next start
+  resumes from the newest complete snapshot.
 """
 from __future__ import annotations
 
@@ -105,14 +106,18 @@ def render(job: BatchJob) -> str:
         '    [ "$signals" != "$before" ] && [ "$rc" -gt 128 ] || break',
         "done",
         'echo "paddlerun-slurm: srun exit $rc${stopping:+ (asked to stop: $stopping)}"',
-        'case "$rc" in',
-        '    0|1|2) event slurm_ended srun_exit="$rc" cause="${stopping:-none}" requeue=no',
-        '           exit "$rc" ;;  # finished (never requeued), gave up (budget spent) or bad config',
-        "esac",
-        'event slurm_ended srun_exit="$rc" cause="${stopping:-lost}" requeue=yes',
+        '# The supervisors\' events of this start decide first (cluster/slurm_end.py); srun\'s exit',
+        '# code alone cannot tell a node that gave up from one srun killed after it.',
+        'verdict=$("$PY" -m paddlerun.cluster.slurm_end "$RUN_DIR" "$SLURM_JOB_ID" "$START" "$rc" "$stopping")',
+        'case "$verdict" in',
+        '    requeue) ;;',
+        '    "exit "*) exit "${verdict#exit }" ;;  # finished (never requeued), gave up or bad config',
+        '    *) case "$rc" in 0|1|2) exit "$rc" ;; esac ;;  # no verdict: srun\'s exit alone',
+        'esac',
         'echo "paddlerun-slurm: requeue job $SLURM_JOB_ID (start $START ended with $rc)"',
         'scontrol requeue "$SLURM_JOB_ID" && exit 0',
-        'echo "paddlerun-slurm: scontrol requeue failed (submitted with --no-requeue?)"',
+        'echo "paddlerun-slurm: scontrol requeue failed (the job was requeued already, by Slurm or by hand,"',
+        'echo "    or it was submitted with --no-requeue)"',
         'exit "$rc"',
     ]
     return "\n".join(lines) + "\n"

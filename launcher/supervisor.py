@@ -311,7 +311,8 @@ class Supervisor:
             if self._stop_asked():
                 self._emit("preempted", during="backoff", cause=self.stop.cause, signal=self.stop.signal)
                 return State.PREEMPTED
-            self.exits.sleep(max(self._backoff_until - time.time(), 0))
+            # A signal wakes it at once; a scheduler's notice file is seen within CHECK_S.
+            self.exits.sleep(min(max(self._backoff_until - time.time(), 0), CHECK_S))
         self.attempt += 1
         return State.STARTING
 

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from paddlerun.cluster.slurm import PORT_BASE, PORT_SPAN, SlurmError, place_from_environ
+from paddlerun.cluster.slurm_end import decide
 from paddlerun.cluster.slurm_job import NOTICE_FILE, SlurmJob
 from paddlerun.cluster.slurm_script import BatchJob, render, warning_seconds
 from paddlerun.launcher.restart_policy import RestartPolicy
@@ -120,3 +121,57 @@ def test_script_refuses_a_config_with_its_own_node_count(tmp_path):
                           "--nodes", "2", "--set", "train.nope=1"], cwd=REPO, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 2 and "train.nope" in out.stderr, out.stderr
+
+
+WORKER_SIGNALS = """
+import os, signal, sys, time
+from paddlerun.trainer import signals
+signals.install_stop_handler()
+print("ready", flush=True)
+sys.stdin.readline()
+print("stop" if signals.stop_signalled() else "no stop", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_relayed_sigterm_does_not_kill_a_worker_but_a_later_second_one_does():
+    """Slurm signals every process of a step and Paddle's launcher relays its own SIGTERM:
+    two within milliseconds are one notice. A second one seconds later still ends it."""
+    import signal
+    import time
+    from paddlerun.trainer.signals import REPEAT_WINDOW_S
+    proc = subprocess.Popen([sys.executable, "-c", WORKER_SIGNALS], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "stop"
+        assert proc.poll() is None
+        time.sleep(REPEAT_WINDOW_S + 0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == -signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def test_the_script_requeues_unless_the_events_say_done_or_given_up():
+    def ev(name, node, count=1):
+        return {"event": name, "node": node, "slurm_job_id": 5, "slurm_restart_count": count}
+    started = [ev("started", 0), ev("started", 1)]
+    # One node gave up and srun SIGTERMed the other, which took it for a preemption (75).
+    assert decide([*started, ev("gave_up", 0), ev("preempted", 1)], 5, 1, 75) == \
+        decide([*started, ev("gave_up", 0)], 5, 1, 143)
+    assert not decide([*started, ev("gave_up", 0)], 5, 1, 143).requeue
+    assert decide([*started, ev("gave_up", 0)], 5, 1, 143).exit_code == 1
+    # Finished on every node: never requeued, whatever srun says.
+    assert not decide([*started, ev("succeeded", 0), ev("succeeded", 1)], 5, 1, 143).requeue
+    # Events of another start or job do not count.
+    assert decide([*started, ev("gave_up", 0, count=0)], 5, 1, 75).requeue
+    assert decide([*started], 5, 1, 137).requeue and decide([], 5, 1, 75).requeue
+    assert (decide([], 5, 1, 0).requeue, decide([], 5, 1, 2).exit_code) == (False, 2)
