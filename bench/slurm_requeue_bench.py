@@ -82,7 +82,7 @@ def one_round(cluster: SlurmCluster, run_dir: Path, how: str) -> dict:
     job = out.stdout.split()[-1]
     try:
         first = wait_for(lambda: first_step_after(run_dir, submitted), 300, "the first step")
-        wait_for(lambda: all((m := metrics(run_dir)) and m[-1]["step"] >= 20 for _ in [0]), 300, "step 20")
+        wait_for(lambda: (m := metrics(run_dir)) and m[-1]["step"] >= 20, 300, "step 20")
         signalled = time.time()
         if how == "warning":
             cluster.run("scancel", "--batch", "--signal=USR1", job)

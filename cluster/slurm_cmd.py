@@ -6,7 +6,6 @@ line. The config is checked first (bad config or usage: exit 2, nothing submitte
 """
 from __future__ import annotations
 
-import argparse
 import re
 import subprocess
 import sys
