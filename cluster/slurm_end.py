@@ -47,6 +47,15 @@ def decide(events: List[dict], job_id: int, start: int, srun_exit: int) -> End:
     return End(True, srun_exit, "stopped early")
 
 
+def supervisors_cause(events: List[dict], job_id: int, start: int) -> Optional[str]:
+    """Why the supervisors of this start stopped, when they were signalled themselves."""
+    for e in events:
+        if e.get("slurm_job_id") == job_id and e.get("slurm_restart_count") == start \
+                and e.get("event") == "preempt_requested" and e.get("cause"):
+            return str(e["cause"])
+    return None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) not in (4, 5):
@@ -55,9 +64,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     run_dir, job_id, start, srun_exit = Path(argv[0]), int(argv[1]), int(argv[2]), int(argv[3])
     cause = argv[4] if len(argv) == 5 and argv[4] else None
-    end = decide(read_events(run_dir / "events.jsonl"), job_id, start, srun_exit)
-    if cause is None:  # 75 without a signal to the batch shell: Slurm signalled the steps only
-        cause = "steps_signalled" if srun_exit == 75 else "lost" if end.requeue else "none"
+    events = read_events(run_dir / "events.jsonl")
+    end = decide(events, job_id, start, srun_exit)
+    if cause is None:  # the batch shell got no signal: the steps may have (a preemption)
+        cause = supervisors_cause(events, job_id, start) or ("lost" if end.requeue else "none")
     try:
         EventLog(run_dir / "events.jsonl").emit(
             "slurm_ended", start, slurm_job_id=job_id, slurm_restart_count=start, srun_exit=srun_exit,

@@ -330,7 +330,9 @@ class Supervisor:
             self.exits.sleep(POLL_S)  # a second signal or the launcher's exit wakes it at once
         self.console.forward()
         code = self.tree.poll()
-        clean = code == 0
+        # Paddle's launcher exits 15 when it got the scheduler's SIGTERM too, after its
+        # workers saved and said they were done.
+        clean = code == 0 or (code is not None and self._local_workers_done())
         self._teardown("preempted")
         self._emit("preempted", signal=stop.signal, cause=stop.cause, clean=clean,
                    how="workers saved and exited" if clean else
@@ -358,6 +360,13 @@ class Supervisor:
             if local and all(r in dead or hb.phase == "done" for r, hb in local.items()):
                 return
             self.exits.sleep(POLL_S)  # the survivor's exit wakes it at once
+
+    def _local_workers_done(self) -> bool:
+        beats = {r: hb for r, hb in self._local(read_heartbeats(self.run_dir / "heartbeats",
+                                                                attempt=self.attempt)).items()
+                 if hb.host == self.host}
+        return bool(beats) and len(beats) == self.spec.nproc_per_node and \
+            all(hb.phase == "done" for hb in beats.values())
 
     def _local(self, beats) -> dict:
         """This node's ranks only: the nodes of a job may share the run directory (and, in

@@ -175,14 +175,14 @@ def test_preemption_term_to_the_steps_then_to_the_whole_job(slurm, reference_dig
     assert len(resumed) == 1 and f"step-{snapshots[0]:08d}" in resumed[0], (resumed, snapshots)
     slurm.run("scancel", "--full", "--signal=TERM", job)
     assert_finished_like_reference(slurm, job, tmp_path, reference_digest, restarts=2)
-    first = {(e.get("node"), e["event"], e["cause"]) for e in stop_events(tmp_path, job)
+    first = {(e.get("node"), e["event"], e["cause"], e.get("clean", True)) for e in stop_events(tmp_path, job)
              if e["slurm_restart_count"] == 0}
-    assert first == {(n, ev, "preemption") for n in (0, 1) for ev in ("preempt_requested", "preempted")}
+    assert first == {(n, ev, "preemption", True) for n in (0, 1) for ev in ("preempt_requested", "preempted")}
     # On the second start the supervisors may be killed before they write a word; the
     # batch shell is not.
     told = [(e["event"], e["cause"], e["slurm_restart_count"]) for e in events(tmp_path)
             if e["event"] in ("slurm_signal", "slurm_ended") and e.get("slurm_job_id") == int(job)]
-    assert told == [("slurm_ended", "steps_signalled", 0), ("slurm_signal", "preemption", 1),
+    assert told == [("slurm_ended", "preemption", 0), ("slurm_signal", "preemption", 1),
                     ("slurm_ended", "preemption", 1), ("slurm_ended", "none", 2)], told
     assert "asked to stop: preemption" in output(tmp_path, job)
 
