@@ -98,7 +98,7 @@ def one_round(cluster: SlurmCluster, run_dir: Path, how: str) -> dict:
                       if e.get("slurm_restart_count") == 0 and e.get("node") == 0)
     finally:
         cluster.run("scancel", job, check=False)
-        wait_for(lambda: job not in cluster.jobs(), 120, f"job {job} to end")
+        wait_for(lambda: job not in cluster.jobs(), 300, f"job {job} to end")
     return {"how": how, "cold_start_s": first - submitted, "requeue_to_step_s": again - signalled,
             "stop_s": stopped - signalled, "queued_s": started - stopped, "warm_start_s": again - started}
 

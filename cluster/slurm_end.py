@@ -4,7 +4,10 @@ the batch script requeues the job after ``srun`` returned (cluster/slurm_script.
 srun's exit code alone cannot say: with ``--kill-on-bad-exit`` the first node that exits
 non-zero has srun SIGTERM the others, so a start where one node gave up may end with the
 SIGTERM's 143 or with the 75 of a supervisor that took that SIGTERM for a preemption.
-The supervisors' own events of this start (``slurm_restart_count`` = START) decide first:
+Slurm's own view comes first: a job that is no longer RUNNING (``scancel`` makes it
+COMPLETING before the batch shell's SIGTERM; ``scontrol requeue`` and a node failure
+requeue it themselves) is never requeued by the script. Then the supervisors' own events
+of this start (``slurm_restart_count`` = START):
 
 - a ``gave_up``: the restart budget is spent (counted over every start of the job) or the
   fault is one no restart fixes -> exit 1, no requeue;
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
+from paddlerun.cluster.slurm_status import show_job
 from paddlerun.trainer.events import EventLog, read_events
 
 
@@ -32,8 +36,16 @@ class End:
     why: str
 
 
-def decide(events: List[dict], job_id: int, start: int, srun_exit: int) -> End:
+def decide(events: List[dict], job_id: int, start: int, srun_exit: int,
+           job_state: Optional[str] = None) -> End:
+    """``job_state``: Slurm's JobState now, if known. Anything but RUNNING means Slurm is
+    ending the job itself -- ``scancel`` (COMPLETING), ``scontrol requeue`` or a node
+    failure (Slurm requeues it), the time limit passed -- and a requeue from the script
+    would undo a cancel."""
     mine = [e for e in events if e.get("slurm_job_id") == job_id and e.get("slurm_restart_count") == start]
+    if job_state and job_state != "RUNNING":
+        return End(False, srun_exit or 1, f"Slurm is ending the job itself (JobState={job_state}): "
+                                          f"cancelled, requeued by Slurm or past its time limit")
     if any(e.get("event") == "gave_up" for e in mine):
         return End(False, 1, "a supervisor gave up")
     started = {e.get("node") for e in mine if e.get("event") == "started"}
@@ -65,7 +77,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     run_dir, job_id, start, srun_exit = Path(argv[0]), int(argv[1]), int(argv[2]), int(argv[3])
     cause = argv[4] if len(argv) == 5 and argv[4] else None
     events = read_events(run_dir / "events.jsonl")
-    end = decide(events, job_id, start, srun_exit)
+    end = decide(events, job_id, start, srun_exit, show_job(job_id).get("JobState"))
     if cause is None:  # the batch shell got no signal: the steps may have (a preemption)
         cause = supervisors_cause(events, job_id, start) or ("lost" if end.requeue else "none")
     try:

@@ -121,6 +121,23 @@ def test_a_finished_job_completes_once_and_never_requeues(slurm, reference_diges
     assert record == {**record, "job_id": int(job), "state": "COMPLETED", "restart_count": 0}
 
 
+def test_scancel_ends_the_job_for_good(slurm, tmp_path):
+    """``scancel`` SIGTERMs the batch shell like a preemption does, but the job is already
+    COMPLETING: the script must not requeue it (``scontrol requeue`` would succeed)."""
+    job = submit(slurm, tmp_path)
+    started(slurm, job, tmp_path, restart_count=0, min_step=0)
+    slurm.run("scancel", job)
+    info = wait_gone(slurm, job)
+    assert (info.get("JobState"), info.get("Restarts")) == ("CANCELLED", "0"), info
+    wait_for(lambda: any(e["event"] == "slurm_ended" for e in events(tmp_path)), 60, "the script's end")
+    time.sleep(slurm.cred_expire_s + 2)  # a requeued job would be back by now
+    assert slurm.job(job).get("JobState") == "CANCELLED" and job not in slurm.jobs()
+    ended = [(e["requeue"], e["why"]) for e in events(tmp_path) if e["event"] == "slurm_ended"]
+    assert len(ended) == 1 and ended[0][0] == "no" and "COMPLETING" in ended[0][1], ended
+    assert slurm.job_processes() == []
+    assert_no_leftovers(tmp_path)
+
+
 def test_hard_requeue_then_the_time_limit_warning_resume_from_snapshots(slurm, reference_digest, tmp_path):
     """``scontrol requeue`` (no warning: the job's processes are killed) and then Slurm's
     warning signal to the batch shell (``scancel --batch --signal=USR1``): a snapshot, exit

@@ -175,3 +175,7 @@ def test_the_script_requeues_unless_the_events_say_done_or_given_up():
     assert decide([*started, ev("gave_up", 0, count=0)], 5, 1, 75).requeue
     assert decide([*started], 5, 1, 137).requeue and decide([], 5, 1, 75).requeue
     assert (decide([], 5, 1, 0).requeue, decide([], 5, 1, 2).exit_code) == (False, 2)
+    # scancel: the job is COMPLETING when the batch shell gets its SIGTERM; a requeue then
+    # would undo the cancel.
+    assert not decide([*started], 5, 1, 143, job_state="COMPLETING").requeue
+    assert decide([*started], 5, 1, 143, job_state="RUNNING").requeue
