@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from paddlerun.cluster import k8s_cmd, k8s_env
+from paddlerun.cluster import k8s_cmd, k8s_env, slurm_cmd
 from paddlerun.launcher import doctor_cmd, preflight
 from paddlerun.launcher.exit_codes import BAD_CONFIG, FAILED
 from paddlerun.launcher.usage import UsageError
@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_inspect_commands(sub)
     k8s_cmd.add_parser(sub)
     doctor_cmd.add_parser(sub)
+    slurm_cmd.add_parser(sub)
     return parser
 
 
@@ -188,10 +189,12 @@ def cmd_run(args, script_args: List[str]) -> int:
             raise UsageError(f"--script {args.script}: no such file")
     elif script_args:
         raise UsageError("arguments after '--' are for --script mode only")
+    from paddlerun.cluster.slurm_job import inside_slurm  # finds its place from SLURM_*
+    config, scheduler = inside_slurm(config, run_dir)
     check_paddle_installed(config)
     preflight.check(config)
     spec = LaunchSpec(config=config, run_dir=run_dir, script=script, script_args=tuple(script_args))
-    return Supervisor(spec).run()
+    return Supervisor(spec, scheduler=scheduler).run()
 
 
 def resolve_run_config(args) -> Config:

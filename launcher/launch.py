@@ -40,8 +40,22 @@ class LaunchSpec:
     def nproc_per_node(self) -> int:
         return resolve_nproc(self.config.launch.nproc_per_node, self.config.launch.device)
 
+    @property
+    def node_dir(self) -> Path:
+        """Where this node keeps the files that are its own (logs, supervisor record, its
+        summary): the run directory on node 0, ``RUN_DIR/nodes/node-K`` on node K, so that
+        the nodes of a job can share one run directory (docs/slurm.md)."""
+        rank = self.config.launch.node_rank
+        return self.run_dir if rank == 0 else self.run_dir / "nodes" / f"node-{rank}"
+
+    @property
+    def local_ranks(self) -> range:
+        """The global ranks of this node's workers (Paddle numbers them node by node)."""
+        first = self.config.launch.node_rank * self.nproc_per_node
+        return range(first, first + self.nproc_per_node)
+
     def log_dir(self, attempt: int) -> Path:
-        return self.run_dir / "logs" / f"attempt-{attempt}"
+        return self.node_dir / "logs" / f"attempt-{attempt}"
 
     def argv(self, attempt: int) -> List[str]:
         launch = self.config.launch

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from paddlerun.cluster.slurm_status import line as slurm_line, slurm_status
 from paddlerun.launcher import render
 from paddlerun.launcher.usage import UsageError
 from paddlerun.launcher.exit_codes import SUCCESS
@@ -105,6 +106,7 @@ def collect(run_dir: Path, now: float) -> Dict[str, Any]:
         "snapshots_skipped": snapshots_skipped(events),
         "metrics": last_metrics(run_dir / "metrics.jsonl"),
         "summary": summary_status(run_dir / "summary.json"),
+        "slurm": slurm_status(events),
     }
 
 
@@ -279,6 +281,8 @@ def human(s: Dict[str, Any]) -> str:
         lines.append(f"  {label:<10}{text}")
 
     row("state", _state_line(s, now))
+    if s.get("slurm"):
+        row("slurm", slurm_line(s["slurm"]))
     if s["interrupted"]:
         row("", "its supervisor is gone (killed? OOM? reboot?): run the same `paddlerun run` "
                 "command again to resume from the newest snapshot")

@@ -27,12 +27,13 @@ from paddlerun.launcher.launch import LaunchSpec
 from paddlerun.launcher.leftovers import find_leftovers, stop_leftovers
 from paddlerun.launcher.process_tree import ProcessTree, become_subreaper
 from paddlerun.launcher.restart_policy import Failure, RestartPolicy
+from paddlerun.launcher.scheduler import NoScheduler, StopNotice
 from paddlerun.launcher.spot_watch import SpotWatch, resolve_provider
 from paddlerun.trainer import control
 from paddlerun.trainer.checkpoint import CheckpointStore
 from paddlerun.trainer.config import dump_config
-from paddlerun.trainer.events import EventLog
-from paddlerun.trainer.heartbeat import clear_heartbeats, read_heartbeats, stale_ranks
+from paddlerun.trainer.events import EventLog, read_events
+from paddlerun.trainer.heartbeat import clear_heartbeats, heartbeat_path, read_heartbeats, stale_ranks
 from paddlerun.trainer.metrics import write_json_atomic
 from paddlerun.trainer.process_identity import ProcessIdentity
 
@@ -60,7 +61,8 @@ class State(str, Enum):
 
 
 TRANSITIONS = {
-    State.STARTING: {State.RUNNING, State.FAILED},
+    # STARTING -> GAVE_UP: earlier starts of the same scheduler job spent the budget.
+    State.STARTING: {State.RUNNING, State.FAILED, State.GAVE_UP},
     State.RUNNING: {State.SUCCEEDED, State.FAILED, State.PREEMPTED},
     State.FAILED: {State.RESTARTING, State.GAVE_UP, State.PREEMPTED},
     State.RESTARTING: {State.STARTING, State.PREEMPTED},
@@ -99,8 +101,11 @@ class RunDirBusy(RuntimeError):
 
 
 class Supervisor:
-    def __init__(self, spec: LaunchSpec, stream=None):
+    def __init__(self, spec: LaunchSpec, stream=None, scheduler=None):
         self.spec = spec
+        self.scheduler = scheduler or NoScheduler()
+        self.node_dir = spec.node_dir
+        self.multi_node = spec.config.launch.nnodes > 1
         self.config = spec.config
         self.run_dir = spec.run_dir
         self.stream = stream or sys.stdout
@@ -113,6 +118,8 @@ class Supervisor:
         self.exits = ExitWatch(POLL_S)
         self.attempt_started = 0.0
         self.signals: List[int] = []
+        #: Why the run is stopping (a signal to this process or the scheduler's notice).
+        self.stop: Optional[StopNotice] = None
         self.events: Optional[EventLog] = None
         self.console = LaunchLogForwarder(self.stream)
         self._dead: Dict[int, tuple] = {}
@@ -142,6 +149,12 @@ class Supervisor:
             State.STARTING: self._start, State.RUNNING: self._watch,
             State.FAILED: self._fail, State.RESTARTING: self._restart,
         }
+        if len(self.failures) > self.config.supervisor.max_restarts:
+            self._transition(State.GAVE_UP)
+            reason = (f"restart budget spent by earlier starts of this job: {len(self.failures)} "
+                      f"failures, supervisor.max_restarts={self.config.supervisor.max_restarts}")
+            self._emit("gave_up", reason=reason, root_cause=self.failures[-1].cause)
+            print(f"paddlerun: giving up: {reason}", file=sys.stderr)
         try:
             while self.state not in TERMINAL:
                 self._transition(handlers[self.state]())
@@ -153,6 +166,7 @@ class Supervisor:
                 self.tree.close(TEARDOWN_TERM_S)
             self._restore_signal_handlers(previous)
             self._write_summary()
+            self.scheduler.before_exit(self.run_dir, self.state is State.PREEMPTED)
             self._lock.release()
         return self._exit_code()
 
@@ -162,14 +176,30 @@ class Supervisor:
         self.state = new
 
     def _emit(self, event: str, **details) -> None:
-        self.events.emit(event, self.attempt, state=self.state.value, **details)
+        if self.multi_node:
+            details["node"] = self.config.launch.node_rank
+        self.events.emit(event, self.attempt, state=self.state.value,
+                         **self.scheduler.event_fields(), **details)
+
+    def _stop_asked(self) -> bool:
+        """A signal or the scheduler's notice asked this run to stop (remembered in self.stop)."""
+        if self.stop is None:
+            if self.signals:
+                name = signal.Signals(self.signals[0]).name
+                self.stop = StopNotice(self.scheduler.cause_of(name), name)
+            else:
+                self.stop = self.scheduler.notice()
+            if self.stop is None and self._notice_due():
+                self.stop = StopNotice("preemption_notice", None,
+                                       f"{self.spot.notice.provider} preemption notice")
+        return self.stop is not None
 
     # ------------------------------------------------------------ states
 
     def _prepare(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = FileLock(str(self.run_dir / ".supervisor.lock"))
-        owner_file = self.run_dir / "supervisor.json"
+        self.node_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = FileLock(str(self.node_dir / ".supervisor.lock"))
+        owner_file = self.node_dir / "supervisor.json"
         try:
             self._lock.acquire(timeout=0)
         except Timeout:
@@ -181,7 +211,8 @@ class Supervisor:
                                        "started": time.time()})
         dump_config(self.config, self.run_dir / "config.yaml")
         self.events = EventLog(self.run_dir / "events.jsonl")
-        self.attempt = self.first_attempt = next_attempt_number(self.run_dir)
+        self.attempt = self.first_attempt = next_attempt_number(self.node_dir)
+        self.failures = self.scheduler.earlier_failures(read_events(self.run_dir / "events.jsonl"))
         control.clear(self.run_dir)
 
     def _stop_leftovers(self) -> None:
@@ -198,7 +229,7 @@ class Supervisor:
                    sigkilled=[i.pid for i in killed])
 
     def _start(self) -> State:
-        clear_heartbeats(self.run_dir / "heartbeats")
+        self._clear_local_heartbeats()
         control.clear(self.run_dir)
         log_dir = self.spec.log_dir(self.attempt)
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -235,10 +266,10 @@ class Supervisor:
         scanned_at = 0.0
         while True:
             self.console.forward()
-            if self.signals or self._notice_due():
+            if self._stop_asked():
                 return self._preempt()
             now = time.time()
-            beats = read_heartbeats(hb_dir, attempt=self.attempt)
+            beats = self._local(read_heartbeats(hb_dir, attempt=self.attempt))
             local = {r: hb for r, hb in beats.items() if hb.host == self.host}
             for hb in local.values():
                 self.tree.add_known(hb.identity)
@@ -250,11 +281,14 @@ class Supervisor:
             if returncode is not None:
                 self.console.forward()
                 if returncode == 0:
-                    stopped = stopped_ranks(read_heartbeats(hb_dir, attempt=self.attempt))
+                    stopped = stopped_ranks(self._local(read_heartbeats(hb_dir, attempt=self.attempt)))
                     self._teardown("finished")
                     if stopped:  # an agreed stop another node (or a scheduler's signal) asked for
+                        self.stop = StopNotice("peer_stop", None, "a stop asked on another node "
+                                               "or by a signal to the workers")
                         self._emit("preempted", clean=True, how="workers stopped on a request "
-                                   "from another node or a signal to them", ranks=stopped)
+                                   "from another node or a signal to them", ranks=stopped,
+                                   **self._stop_fields())
                         return State.PREEMPTED
                     self._emit("succeeded")
                     return State.SUCCEEDED
@@ -298,7 +332,7 @@ class Supervisor:
             self._wait_for_workers_to_exit(LAUNCH_EXIT_GRACE_S)
         self._teardown("failure")
         self._print_report(failure)
-        if self.signals or self._notice_due():
+        if self._stop_asked():
             return State.PREEMPTED
         decision = self.policy.decide(self.failures, time.time())
         if not decision.restart:
@@ -315,10 +349,11 @@ class Supervisor:
 
     def _restart(self) -> State:
         while time.time() < self._backoff_until:
-            if self.signals or self._notice_due():
-                self._emit("preempted", during="backoff", reason=self._stop_reason())
+            if self._stop_asked():
+                self._emit("preempted", during="backoff", **self._stop_fields())
                 return State.PREEMPTED
-            self.exits.sleep(max(self._backoff_until - time.time(), 0))
+            # A signal wakes it at once; a scheduler's notice file is seen within CHECK_S.
+            self.exits.sleep(min(max(self._backoff_until - time.time(), 0), CHECK_S))
         self.attempt += 1
         return State.STARTING
 
@@ -329,45 +364,49 @@ class Supervisor:
         for a peer, restoring), a snapshot would add nothing: stop at once instead of
         letting a scheduler's own grace period (Kubernetes: 30 s) run out first.
         """
-        reason = self._stop_reason()
+        stop = self.stop
         grace = self.config.supervisor.preempt_grace_s
-        if not self.signals:  # the cloud's notice: the machine goes at its deadline
+        if stop.signal is None:  # the cloud's notice: the machine goes at its deadline
             grace = min(grace, max(self.spot.notice.deadline - time.time(), 1.0))
-        self._emit("preempt_requested", reason=reason, grace_s=grace,
-                   **({"signal": reason} if self.signals else {}))
+        self._emit("preempt_requested", grace_s=grace, **self._stop_fields())
         nothing = self._nothing_to_save()
         if nothing is not None:
-            log.info("%s: %s: stopping at once", reason, nothing)
+            log.info("%s: %s: stopping at once", stop.reason, nothing)
             self.tree.close(NOTHING_TO_SAVE_TERM_S)
             self._teardown("preempted")
-            self._emit("preempted", reason=reason, clean=True,
-                       **({"signal": reason} if self.signals else {}),
-                       how=f"nothing to save: {nothing}")
+            self._emit("preempted", clean=True, how=f"nothing to save: {nothing}", **self._stop_fields())
             if self.spot is not None and self.spot.notice is not None:
                 self.spot.acknowledge()
             return State.PREEMPTED
-        log.info("%s: asking the workers for a snapshot (grace %.0f s; signal again to stop at once)",
-                 reason, grace)
-        control.request_stop(self.run_dir, reason=reason)
+        log.info("%s (%s): asking the workers for a snapshot (grace %.0f s; signal again to stop "
+                 "at once)", stop.reason, stop.cause, grace)
+        control.request_stop(self.run_dir, reason=stop.reason)
         deadline = time.time() + grace
         while time.time() < deadline and len(self.signals) < 2 and self.tree.poll() is None:
             self.console.forward()
             self.exits.sleep(POLL_S)  # a second signal or the launcher's exit wakes it at once
         self.console.forward()
-        clean = self.tree.poll() == 0
+        code = self.tree.poll()
+        # Paddle's launcher exits 15 when it got the scheduler's SIGTERM too, after its
+        # workers saved and said they were done.
+        clean = code == 0 or (code is not None and self._local_workers_done())
         self._teardown("preempted")
-        self._emit("preempted", reason=reason, clean=clean,
-                   **({"signal": reason} if self.signals else {}),
+        self._emit("preempted", clean=clean, **self._stop_fields(),
                    how="workers saved and exited" if clean else
-                   "second signal" if len(self.signals) > 1 else "grace period ran out")
+                   "second signal" if len(self.signals) > 1 else
+                   "grace period ran out" if code is None else
+                   f"the launch ended with exit code {code} before a clean stop")
         if clean and self.spot is not None and self.spot.notice is not None:
             self.spot.acknowledge()
         return State.PREEMPTED
 
-    def _stop_reason(self) -> str:
-        if self.signals:
-            return signal.Signals(self.signals[0]).name
-        return f"{self.spot.notice.provider} preemption notice"
+    def _stop_fields(self) -> dict:
+        """What every preemption event says of the stop: its cause, its signal (if one), and
+        in words why (``SIGTERM``, ``aws preemption notice``)."""
+        fields = {"cause": self.stop.cause, "reason": self.stop.reason}
+        if self.stop.signal is not None:
+            fields["signal"] = self.stop.signal
+        return fields
 
     def _notice_due(self) -> bool:
         """Whether the cloud's preemption notice says to stop now; records the notice once."""
@@ -413,12 +452,38 @@ class Supervisor:
         deadline = time.time() + timeout_s
         while self.tree.poll() is None and time.time() < deadline and len(self.signals) < 2:
             self.console.forward()
-            local = {r: hb for r, hb in read_heartbeats(hb_dir, attempt=self.attempt).items()
+            local = {r: hb for r, hb in self._local(read_heartbeats(hb_dir, attempt=self.attempt)).items()
                      if hb.host == self.host}
             dead = dead_ranks(local)
             if local and all(r in dead or hb.ended for r, hb in local.items()):
                 return
             self.exits.sleep(POLL_S)  # the survivor's exit wakes it at once
+
+    def _local_workers_done(self) -> bool:
+        beats = {r: hb for r, hb in self._local(read_heartbeats(self.run_dir / "heartbeats",
+                                                                attempt=self.attempt)).items()
+                 if hb.host == self.host}
+        return bool(beats) and len(beats) == self.spec.nproc_per_node and \
+            all(hb.ended for hb in beats.values())
+
+    def _local(self, beats) -> dict:
+        """This node's ranks only: the nodes of a job may share the run directory (and, in
+        tests, the host), and each supervisor watches and stops its own workers alone."""
+        if not self.multi_node:
+            return beats
+        return {r: hb for r, hb in beats.items() if r in self.spec.local_ranks}
+
+    def _clear_local_heartbeats(self) -> None:
+        hb_dir = self.run_dir / "heartbeats"
+        if not self.multi_node:
+            clear_heartbeats(hb_dir)
+            return
+        hb_dir.mkdir(parents=True, exist_ok=True)
+        for rank in self.spec.local_ranks:
+            try:
+                heartbeat_path(hb_dir, rank).unlink()
+            except FileNotFoundError:
+                pass
 
     def _teardown(self, why: str) -> None:
         killed = self.tree.close(TEARDOWN_TERM_S)
@@ -467,12 +532,11 @@ class Supervisor:
         if self.state is State.SUCCEEDED:
             return exit_codes.SUCCESS
         if self.state is State.PREEMPTED:
-            interrupted = self.signals and self.signals[0] == signal.SIGINT
-            return exit_codes.INTERRUPTED if interrupted else exit_codes.REQUEUE
+            return exit_codes.INTERRUPTED if self.stop.signal == "SIGINT" else exit_codes.REQUEUE
         return exit_codes.FAILED
 
     def _write_summary(self) -> None:
-        path = self.run_dir / "summary.json"
+        path = self.node_dir / "summary.json"
         summary = {}
         if self.state is State.SUCCEEDED and path.is_file():
             try:

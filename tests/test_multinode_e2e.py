@@ -25,6 +25,12 @@ def start_nodes(tmp_path, *sets):
             for rank in (0, 1)]
 
 
+def node_dir(tmp_path, rank):
+    """Node 0's files are where a one-node run has them; node K's in RUN_DIR/nodes/node-K."""
+    run_dir = tmp_path / f"node{rank}"
+    return run_dir if rank == 0 else run_dir / "nodes" / f"node-{rank}"
+
+
 def wait_all(nodes, timeout=300):
     try:
         return [wait(p, timeout) for p in nodes]
@@ -41,8 +47,9 @@ def test_two_nodes_of_one_worker_train_like_one_node_of_two(tmp_path):
     nodes = start_nodes(tmp_path, "train.max_steps=24")
     outs = wait_all(nodes)
     assert [p.returncode for p in nodes] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
-    # Each node logs its one worker as workerlog.0 (the launcher numbers them per node).
-    digests = [worker_digests(tmp_path / f"node{rank}").get(0) for rank in (0, 1)]
+    # Each node logs its one worker as workerlog.0 (the launcher numbers them per node);
+    # node K > 0 keeps its own files in RUN_DIR/nodes/node-K (the run dir may be shared).
+    digests = [worker_digests(node_dir(tmp_path, rank)).get(0) for rank in (0, 1)]
     assert digests == [summary(single)["digest"]] * 2
     # Global rank 0 (on node 0) wrote the snapshots into the shared directory.
     assert (tmp_path / "shared-ckpt" / "step-00000024" / "manifest.json").is_file()
@@ -68,18 +75,18 @@ def test_a_worker_killed_on_node_1_restarts_both_nodes_which_end_identical(tmp_p
     # Both resumed from one snapshot, and lost no step done before the kill: node 0's
     # emergency snapshot (or a scheduled one of that very step).
     resumed = [[int(line.rsplit("step-", 1)[1][:8]) for line in
-                (tmp_path / f"node{rank}" / "logs" / "attempt-1" / "workerlog.0").read_text().splitlines()
+                (node_dir(tmp_path, rank) / "logs" / "attempt-1" / "workerlog.0").read_text().splitlines()
                 if "resumed from" in line] for rank in (0, 1)]
     assert resumed[0] == resumed[1] and len(resumed[0]) == 1 and resumed[0][0] >= done_before_kill, \
         (resumed, done_before_kill)
     for rank in (0, 1):
         names = [e["event"] for e in events(tmp_path / f"node{rank}")]
         assert "worker_failed" in names and "restarting" in names and names[-1] == "succeeded", (rank, names)
-    restarted = [summary(tmp_path / f"node{rank}")["restarts"] for rank in (0, 1)]
+    restarted = [summary(node_dir(tmp_path, rank))["restarts"] for rank in (0, 1)]
     assert restarted == [1, 1]
     reference = summary(single)["digest"]
     assert summary(tmp_path / "node0")["digest"] == reference
-    assert worker_digests(tmp_path / "node1", attempt=1) == {0: reference}
+    assert worker_digests(node_dir(tmp_path, 1), attempt=1) == {0: reference}
     for rank in (0, 1):
         assert_no_leftovers(tmp_path / f"node{rank}")
 

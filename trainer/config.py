@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import os
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -235,7 +236,12 @@ def config_from_dict(raw: dict, source: str = "<config>") -> Config:
 
 
 def dump_config(config: Config, path: Union[str, Path]) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    """Replaced in one rename: the supervisors of several nodes may write the same file
+    while a worker reads it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    os.replace(tmp, path)
 
 
 def _apply_override(raw: dict, item: str) -> None:
