@@ -254,7 +254,7 @@ def test_script_mode_stop_request_snapshots_and_ends_fit(data, tmp_path, monkeyp
     assert (info.step, info.manifest["reason"]) == (10, "preempted")
     assert [m["step"] for m in metrics(tmp_path)] == list(range(1, 11))
     beat = read_heartbeats(tmp_path / "heartbeats")[0]
-    assert (beat.step, beat.phase) == (10, "done")
+    assert (beat.step, beat.phase) == (10, "stopped")  # stopped on request: the run is not finished
 
 
 def test_fit_on_the_dataset_instead_of_the_loader_is_refused(data, tmp_path):
