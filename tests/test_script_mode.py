@@ -249,7 +249,7 @@ def test_stop_request_in_script_mode(data, tmp_path, monkeypatch):
     assert [m["step"] for m in metrics(tmp_path)] == list(range(1, 11))
     assert all(isinstance(m["loss"], float) and m["lr"] > 0 for m in metrics(tmp_path))
     beat = read_heartbeats(tmp_path / "heartbeats")[0]
-    assert (beat.step, beat.phase) == (10, "done")
+    assert (beat.step, beat.phase) == (10, "stopped")  # stopped on request: the run is not finished
 
 
 def test_sigterm_stops_at_the_next_check_with_a_snapshot(data, tmp_path):
