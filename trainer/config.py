@@ -19,6 +19,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from paddlerun.trainer.errors import NotRetriable
+
 
 #: train.* keys that take a built-in name or an import string, and their built-ins
 #: (implemented in trainer/factories.py, which checks it covers exactly these).
@@ -31,7 +33,7 @@ BUILTIN_FACTORIES = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(ValueError, NotRetriable):
     """A config that cannot be used; the message names the key or path and the fix."""
 
 
