@@ -186,8 +186,9 @@ def cmd_run(args, script_args: List[str]) -> int:
     elif script_args:
         raise UsageError("arguments after '--' are for --script mode only")
     check_paddle_installed(config)
-    preflight.check(config)
     spec = LaunchSpec(config=config, run_dir=run_dir, script=script, script_args=tuple(script_args))
+    preflight.check(config, workers=spec.nproc_per_node * config.launch.nnodes,
+                    script_mode=script is not None)
     return Supervisor(spec).run()
 
 
