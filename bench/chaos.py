@@ -90,7 +90,7 @@ POLL_S = 0.05
 PERSIST_POLL_S = 0.002
 EVERY_STEPS = 10
 HEARTBEAT_S = 0.25
-#: Exit code of a preempted ``paddlerun run`` (README "Exit codes").
+#: Exit code of a preempted ``paddlerun run`` (docs/failures.md#preemption-and-exit-codes).
 REQUEUE = 75
 #: No trigger before this step (two snapshots exist, so a corrupted newest one has a
 #: fallback) nor within this many steps of the end (the heartbeats lag ~10 steps).

@@ -39,7 +39,7 @@ from paddlerun.trainer.checkpoint import layout
 
 EXPECTED = ("expected a snapshot directory (step-XXXXXXXX, holding manifest.json), a checkpoints "
             "directory (holding step-* directories) or a run directory (holding checkpoints/)")
-#: Files a run directory holds (DESIGN.md "The run directory").
+#: Files a run directory holds (docs/architecture.md#the-run-directory).
 _RUN_DIR_FILES = ("events.jsonl", "config.yaml", "supervisor.json", "metrics.jsonl", "summary.json")
 #: What a checkpoints directory holds besides snapshots, even before the first one.
 _STORE_FILES = (layout.LOCK_NAME, layout.WRITER_LOCK_NAME, layout.READERS_DIR)
@@ -152,8 +152,8 @@ def cmd_list(args: argparse.Namespace) -> int:
               f"{'' if target.directory.is_dir() else ' (it does not exist yet)'}")
         return SUCCESS
     print(render.table(
-        ["SNAPSHOT", "STEP", "EPOCH", "CREATED", "SIZE", "FILES", "REASON", "STATE", "PROBLEM"],
-        [[r["name"], r["step"], r["epoch"], render.local_time(r["created_unix"]),
+        ["SNAPSHOT", "STEP", "EPOCH", "WORKERS", "CREATED", "SIZE", "FILES", "REASON", "STATE", "PROBLEM"],
+        [[r["name"], r["step"], r["epoch"], r["world_size"], render.local_time(r["created_unix"]),
           render.size(r["size_bytes"]), r["files"], r["reason"], r["state"], r["problem"]]
          for r in rows]))
     checked = "every sha256 checked" if args.verify else \

@@ -1,4 +1,4 @@
-"""``paddlerun``: the command line (DESIGN.md "The command line" is the contract).
+"""``paddlerun``: the command line (docs/architecture.md#the-command-line is the contract).
 
 Exit codes: 0 success, 2 bad usage or bad config (never retried), 1 anything else,
 130 interrupted (Ctrl-C), :data:`REQUEUE_EXIT_CODE` preempted (run the same command
@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from paddlerun.cluster import k8s_cmd, k8s_env
 from paddlerun.launcher import preflight
 from paddlerun.launcher.exit_codes import BAD_CONFIG, FAILED
 from paddlerun.launcher.usage import UsageError
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--master", help="script mode: host:port of the rendezvous master")
     run.set_defaults(handler=cmd_run)
     add_inspect_commands(sub)
+    k8s_cmd.add_parser(sub)
     return parser
 
 
@@ -193,7 +195,8 @@ def cmd_run(args, script_args: List[str]) -> int:
 
 
 def resolve_run_config(args) -> Config:
-    overrides = list(args.set)
+    # In a pod of `paddlerun k8s render`'s job: its place, before the user's own --set.
+    overrides = k8s_env.launch_overrides() + list(args.set)
     launch_flags = {"nproc_per_node": args.nproc_per_node, "nnodes": args.nnodes,
                     "node_rank": args.node_rank, "master": args.master}
     given = {k: v for k, v in launch_flags.items() if v is not None}

@@ -4,12 +4,17 @@ Paddle's launcher copies its local rank 0's ``workerlog.0`` into its own output
 (``launch.log``) every ~2 s. When a failed attempt is torn down, the launcher may not
 have copied the last lines yet -- often the most telling ones (the last steps, the
 emergency snapshot). :func:`unshown_lines` finds them, so the supervisor can show them.
+
+The console leaves out what only fills it: httpx logs every request Paddle's launcher makes
+to its HTTP master, twice a second while a node waits for its peers (202 lines in under a
+minute, measured). ``launch.log`` keeps every line.
 """
 from __future__ import annotations
 
 import bisect
+import re
 from pathlib import Path
-from typing import Dict, List, TextIO
+from typing import Dict, List, Optional, TextIO
 
 #: How much of the end of each log is compared (the launcher copies up to 1000 lines at a time).
 TAIL_BYTES = 256 << 10
@@ -17,6 +22,9 @@ TAIL_BYTES = 256 << 10
 MAX_LINES = 50
 #: Worker lines before a matched one that must be in the launch log too, in order.
 CONTEXT = 2
+#: A line of the launch log that the console does not show: httpx's record of a request
+#: (``HTTP Request: GET http://host:port/default/info "HTTP/1.0 200 OK"``).
+CONSOLE_NOISE = re.compile(rb'HTTP Request: [A-Z]+ \S+ "HTTP/')
 
 
 class LaunchLogForwarder:
@@ -26,10 +34,11 @@ class LaunchLogForwarder:
         self.stream = stream
         self.path = None
         self.pos = 0
+        self.partial: Optional[bool] = None  # the last read ended inside a line: shown?
 
     def follow(self, path: Path, pos: int) -> None:
         """Forward ``path`` from byte ``pos`` on (a new attempt's log)."""
-        self.path, self.pos = path, pos
+        self.path, self.pos, self.partial = path, pos, None
 
     def forward(self) -> None:
         if self.path is None:
@@ -42,7 +51,25 @@ class LaunchLogForwarder:
             return
         if data:
             self.pos += len(data)
-            self.write(data)
+            shown = self._without_noise(data)
+            if shown:
+                self.write(shown)
+
+    def _without_noise(self, data: bytes) -> bytes:
+        """``data`` without its :data:`CONSOLE_NOISE` lines. A line cut by a read is judged
+        by the part read first; the rest of it follows that judgement."""
+        pieces = data.split(b"\n")  # the last one is the start of a line still being written
+        shown = []
+        keep = True
+        for i, piece in enumerate(pieces):
+            if i == 0 and self.partial is not None:
+                keep = self.partial
+            else:
+                keep = not CONSOLE_NOISE.search(piece)
+            if keep:
+                shown.append(piece + b"\n" if i < len(pieces) - 1 else piece)
+        self.partial = None if len(pieces) > 1 and pieces[-1] == b"" else keep
+        return b"".join(shown)
 
     def write(self, data: bytes) -> None:
         out = getattr(self.stream, "buffer", None)

@@ -1,7 +1,8 @@
 """The ``python -m paddle.distributed.launch`` command line and environment of one attempt.
 
-Paddle's launcher lets environment variables override its flags (PADDLE_NOTES.md):
-an inherited ``PADDLE_TRAINER_ID`` or ``PADDLE_MASTER`` silently changes the job. So
+Paddle's launcher lets environment variables override its flags
+(docs/paddle-behaviour.md#the-launcher): an inherited ``PADDLE_TRAINER_ID`` or
+``PADDLE_MASTER`` silently changes the job. So
 the environment handed to it is scrubbed of every ``PADDLE_*`` and ``POD_*``
 variable, then given paddlerun's own ``PADDLERUN_*`` ones (see ``trainer/env.py``).
 """

@@ -8,7 +8,8 @@ tested on its own); :func:`draw` draws it with matplotlib's Agg canvas.
 - a red dashed line per failed attempt (``worker_failed`` / ``hang_detected``), at the
   last step that attempt logged before the failure;
 - a green dotted line per restart (every ``started`` event but the first) at the step it
-  resumed from: the newest ``snapshot_committed`` before it started (0 if none).
+  resumed from: its ``resumed`` event's, else the newest ``snapshot_committed`` before it
+  started (0 if none); its label says when the number of workers changed there.
 
 matplotlib is an optional extra (``pip install 'paddlerun[plot]'``), imported only here.
 """
@@ -93,11 +94,18 @@ def timeline(metrics: List[dict], events: List[dict]) -> Timeline:
                  if e.get("event") == "snapshot_committed" and _number(e.get("time"))
                  and isinstance(e.get("step"), int)]
     starts = [e for e in events if e.get("event") == "started"]
+    resumed = {e.get("attempt"): e for e in events if e.get("event") == "resumed"}
     for start in starts[1:]:
+        attempt = start.get("attempt")
         before = [step for t, step in committed if t <= start.get("time", math.inf)]
         step = max(before, default=0)
-        line.resumes.append(Marker(step, start.get("attempt"),
-                                   f"attempt {start.get('attempt')} resumed from step {step}"))
+        label = f"attempt {attempt} resumed from step {step}"
+        r = resumed.get(attempt)
+        if r is not None and isinstance(r.get("step"), int):
+            step, label = r["step"], f"attempt {attempt} resumed from step {r['step']}"
+            if r.get("from_world_size") != r.get("to_world_size"):
+                label += f" on {r.get('to_world_size')} workers (was {r.get('from_world_size')})"
+        line.resumes.append(Marker(step, attempt, label))
 
     failed: Dict[Optional[int], dict] = {}
     for e in events:

@@ -1,6 +1,6 @@
 """``paddlerun status RUN_DIR [--json]``: what a run is doing, from its files alone.
 
-Everything comes from the run directory (DESIGN.md "The run directory"), read-only:
+Everything comes from the run directory (docs/architecture.md#the-run-directory), read-only:
 
 - the state: the last supervisor event in ``events.jsonl`` (:data:`STATE_AFTER`), and
   whether the supervisor named in ``supervisor.json`` is still alive. A run whose last
@@ -100,6 +100,8 @@ def collect(run_dir: Path, now: float) -> Dict[str, Any]:
         "attempts": len(started),
         "restarts": sum(1 for e in events if e.get("event") == "restarting"),
         "last_failure": last_failure(events),
+        "preempt_notice": pending_notice(events),
+        "resumed": last_resume(events),
         "ranks": [rank_status(hb, now) for _, hb in sorted(read_heartbeats(run_dir / "heartbeats").items())],
         "snapshot": newest_snapshot(run_dir),
         "snapshot_cost": snapshot_cost(events),
@@ -154,6 +156,26 @@ def last_failure(events: List[dict]) -> Optional[Dict[str, Any]]:
         if event.get("event") == "worker_failed":
             return {"attempt": event.get("attempt"), "time": event.get("time"),
                     "kind": event.get("kind"), "rank": event.get("rank"), "cause": event.get("cause")}
+    return None
+
+
+def last_resume(events: List[dict]) -> Optional[Dict[str, Any]]:
+    """Where the newest attempt that restored a snapshot started: which one, at what world size."""
+    for event in reversed(events):
+        if event.get("event") == "resumed":
+            return {key: event.get(key) for key in
+                    ("attempt", "snapshot", "step", "from_world_size", "to_world_size")}
+    return None
+
+
+def pending_notice(events: List[dict]) -> Optional[Dict[str, Any]]:
+    """The cloud's preemption notice of the current attempt that the run has not yet acted
+    on to the end (no ``preempted`` after it); None without one."""
+    for event in reversed(events):
+        if event.get("event") in ("preempted", "started"):
+            return None
+        if event.get("event") == "preempt_notice":
+            return {key: event.get(key) for key in ("provider", "action", "deadline", "stop_at", "time")}
     return None
 
 
@@ -274,6 +296,18 @@ def human(s: Dict[str, Any]) -> str:
         rank = f" rank {failure['rank']}" if failure.get("rank") is not None else ""
         row("failure", f"attempt {failure['attempt']}, {render.age(failure['time'], now)}: "
                        f"{failure['kind']}{rank}: {failure['cause']}")
+    notice = s["preempt_notice"]
+    if notice:
+        row("notice", f"{notice['provider']} preemption ({notice['action']}) seen "
+                      f"{render.age(notice['time'], now)}: the machine goes at "
+                      f"{render.local_time(notice['deadline'])}; snapshot and stop at "
+                      f"{render.local_time(notice['stop_at'])}")
+    resumed = s["resumed"]
+    if resumed:
+        sizes = resumed["to_world_size"] if resumed["from_world_size"] == resumed["to_world_size"] \
+            else f"{resumed['from_world_size']} -> {resumed['to_world_size']} workers"
+        row("resumed", f"attempt {resumed['attempt']} from {resumed['snapshot']} (step "
+                       f"{resumed['step']}), {sizes}" + ("" if isinstance(sizes, str) else " workers"))
     row("snapshot", _snapshot_line(s["snapshot"], now))
     cost = s["snapshot_cost"]
     if cost:

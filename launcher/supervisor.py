@@ -27,6 +27,7 @@ from paddlerun.launcher.exit_watch import ExitWatch
 from paddlerun.launcher.launch import LaunchSpec
 from paddlerun.launcher.process_tree import ProcessTree, become_subreaper
 from paddlerun.launcher.restart_policy import Failure, FailureKind, RestartPolicy
+from paddlerun.launcher.spot_watch import SpotWatch, resolve_provider
 from paddlerun.trainer import control
 from paddlerun.trainer.config import dump_config
 from paddlerun.trainer.events import EventLog
@@ -84,7 +85,7 @@ TREE_SCAN_S = 30.0
 #: SIGTERM -> SIGKILL grace when tearing a failed attempt down.
 TEARDOWN_TERM_S = 5.0
 #: After a worker died: how long paddle's launcher gets to stop the others itself (it
-#: SIGTERMs them ~1 s after the death and SIGKILLs 3 s later; PADDLE_NOTES.md).
+#: SIGTERMs them ~1 s after the death and SIGKILLs 3 s later; docs/paddle-behaviour.md#the-launcher).
 LAUNCH_EXIT_GRACE_S = 6.0
 
 
@@ -114,6 +115,8 @@ class Supervisor:
         self._lock: Optional[FileLock] = None
         self._backoff_until = 0.0
         self.host = socket.gethostname()
+        self.spot: Optional[SpotWatch] = None
+        self._spot_stop_at: Optional[float] = None
 
     # ------------------------------------------------------------ main loop
 
@@ -126,6 +129,9 @@ class Supervisor:
         become_subreaper()
         previous = self._install_signal_handlers()
         self.exits.wake_on_signals()
+        provider = resolve_provider(self.config.supervisor)
+        if provider is not None:
+            self.spot = SpotWatch(provider, self.config.supervisor).start()
         handlers: Dict[State, Callable[[], State]] = {
             State.STARTING: self._start, State.RUNNING: self._watch,
             State.FAILED: self._fail, State.RESTARTING: self._restart,
@@ -134,6 +140,8 @@ class Supervisor:
             while self.state not in TERMINAL:
                 self._transition(handlers[self.state]())
         finally:
+            if self.spot is not None:
+                self.spot.close()
             self.exits.close()
             if self.tree is not None:
                 self.tree.close(TEARDOWN_TERM_S)
@@ -205,7 +213,7 @@ class Supervisor:
         scanned_at = 0.0
         while True:
             self.console.forward()
-            if self.signals:
+            if self.signals or self._notice_due():
                 return self._preempt()
             now = time.time()
             beats = read_heartbeats(hb_dir, attempt=self.attempt)
@@ -220,7 +228,12 @@ class Supervisor:
             if returncode is not None:
                 self.console.forward()
                 if returncode == 0:
+                    stopped = stopped_ranks(read_heartbeats(hb_dir, attempt=self.attempt))
                     self._teardown("finished")
+                    if stopped:  # an agreed stop another node (or a scheduler's signal) asked for
+                        self._emit("preempted", clean=True, how="workers stopped on a request "
+                                   "from another node or a signal to them", ranks=stopped)
+                        return State.PREEMPTED
                     self._emit("succeeded")
                     return State.SUCCEEDED
                 self._pending = self._diagnose(FailureKind.LAUNCH_EXIT, beats, returncode=returncode)
@@ -262,7 +275,7 @@ class Supervisor:
             self._let_survivors_finish()
         self._teardown("failure")
         self._print_report(failure)
-        if self.signals:
+        if self.signals or self._notice_due():
             return State.PREEMPTED
         decision = self.policy.decide(self.failures, time.time())
         if not decision.restart:
@@ -279,8 +292,8 @@ class Supervisor:
 
     def _restart(self) -> State:
         while time.time() < self._backoff_until:
-            if self.signals:
-                self._emit("preempted", during="backoff")
+            if self.signals or self._notice_due():
+                self._emit("preempted", during="backoff", reason=self._stop_reason())
                 return State.PREEMPTED
             self.exits.sleep(max(self._backoff_until - time.time(), 0))
         self.attempt += 1
@@ -288,12 +301,15 @@ class Supervisor:
 
     def _preempt(self) -> State:
         """Ask the workers for a snapshot, give them the grace period, then stop everything."""
-        first = self.signals[0]
+        reason = self._stop_reason()
         grace = self.config.supervisor.preempt_grace_s
-        self._emit("preempt_requested", signal=signal.Signals(first).name, grace_s=grace)
+        if not self.signals:  # the cloud's notice: the machine goes at its deadline
+            grace = min(grace, max(self.spot.notice.deadline - time.time(), 1.0))
+        self._emit("preempt_requested", reason=reason, grace_s=grace,
+                   **({"signal": reason} if self.signals else {}))
         log.info("%s: asking the workers for a snapshot (grace %.0f s; signal again to stop at once)",
-                 signal.Signals(first).name, grace)
-        control.request_stop(self.run_dir, reason=signal.Signals(first).name)
+                 reason, grace)
+        control.request_stop(self.run_dir, reason=reason)
         deadline = time.time() + grace
         while time.time() < deadline and len(self.signals) < 2 and self.tree.poll() is None:
             self.console.forward()
@@ -301,10 +317,33 @@ class Supervisor:
         self.console.forward()
         clean = self.tree.poll() == 0
         self._teardown("preempted")
-        self._emit("preempted", signal=signal.Signals(first).name, clean=clean,
+        self._emit("preempted", reason=reason, clean=clean,
+                   **({"signal": reason} if self.signals else {}),
                    how="workers saved and exited" if clean else
                    "second signal" if len(self.signals) > 1 else "grace period ran out")
+        if clean and self.spot is not None and self.spot.notice is not None:
+            self.spot.acknowledge()
         return State.PREEMPTED
+
+    def _stop_reason(self) -> str:
+        if self.signals:
+            return signal.Signals(self.signals[0]).name
+        return f"{self.spot.notice.provider} preemption notice"
+
+    def _notice_due(self) -> bool:
+        """Whether the cloud's preemption notice says to stop now; records the notice once."""
+        if self.spot is None or self.spot.notice is None:
+            return False
+        notice = self.spot.notice
+        if self._spot_stop_at is None:
+            self._spot_stop_at = self.spot.stop_at(self.run_dir, self.config.train.log_every_steps)
+            self._emit("preempt_notice", provider=notice.provider, action=notice.action,
+                       deadline=notice.deadline, seen_at=self.spot.seen_at,
+                       stop_at=self._spot_stop_at, event_id=notice.event_id)
+            log.info("%s preemption notice: the machine goes in %.0f s; training on for %.0f s, "
+                     "then a snapshot", notice.provider, notice.deadline - time.time(),
+                     max(self._spot_stop_at - time.time(), 0))
+        return time.time() >= self._spot_stop_at
 
     # ------------------------------------------------------------ helpers
 
@@ -330,7 +369,7 @@ class Supervisor:
             local = {r: hb for r, hb in read_heartbeats(hb_dir, attempt=self.attempt).items()
                      if hb.host == self.host}
             dead = dead_ranks(local)
-            alive = {r: hb for r, hb in local.items() if r not in dead and hb.phase != "done"}
+            alive = {r: hb for r, hb in local.items() if r not in dead and not hb.ended}
             if local and not alive:
                 break
             saving = sorted(r for r, hb in alive.items()
@@ -391,7 +430,8 @@ class Supervisor:
         if self.state is State.SUCCEEDED:
             return exit_codes.SUCCESS
         if self.state is State.PREEMPTED:
-            return exit_codes.INTERRUPTED if self.signals[0] == signal.SIGINT else exit_codes.REQUEUE
+            interrupted = self.signals and self.signals[0] == signal.SIGINT
+            return exit_codes.INTERRUPTED if interrupted else exit_codes.REQUEUE
         return exit_codes.FAILED
 
     def _write_summary(self) -> None:
@@ -415,12 +455,17 @@ class Supervisor:
         write_json_atomic(path, summary)
 
 
+def stopped_ranks(beats) -> List[int]:
+    """Ranks whose last heartbeat says they stopped early on an agreed request."""
+    return sorted(rank for rank, hb in beats.items() if hb.phase == "stopped")
+
+
 def dead_ranks(beats) -> Dict[int, Optional[int]]:
     """Ranks whose process is gone or a zombie without having said it was done, with the
     return code when it can still be read (negative: killed by that signal)."""
     dead: Dict[int, Optional[int]] = {}
     for rank, hb in beats.items():
-        if hb.phase == "done":
+        if hb.ended:
             continue
         try:
             proc = psutil.Process(hb.pid)

@@ -118,15 +118,17 @@ def test_second_writer_on_the_same_directory_is_refused(tmp_path):
     first.close()
 
 
-def test_switching_the_sharded_optimizer_on_is_refused_not_restarted_from_scratch(tmp_path):
+def test_switching_the_sharded_optimizer_on_resumes_with_the_whole_state(tmp_path):
+    """A replicated snapshot holds the whole optimizer state: a sharded optimizer takes its
+    share of it (here, with one rank, all of it) instead of starting from scratch."""
     ckpt, trainer = make(tmp_path)
     train_step(trainer)
-    ckpt.save(trainer)
+    ckpt.save(trainer, wait=True)
     ckpt.close()
     sharded, fresh = make(tmp_path, sharded=True)
-    with pytest.raises(tstate.StateMismatch, match="written without a sharded optimizer; set "
-                                                   "train.sharded_optimizer: false"):
-        sharded.restore(fresh)
+    assert sharded.restore(fresh).step == 1
+    saved = optimizer_state(trainer)
+    assert saved and all(np.array_equal(saved[k], v) for k, v in optimizer_state(fresh).items())
     sharded.close()
 
 
@@ -234,4 +236,20 @@ def test_a_resume_from_gone_since_the_run_began_does_not_stop_its_own_resume(tmp
     ckpt.close()
     again, fresh = make(tmp_path)
     assert again.restore(fresh, resume_from=str(tmp_path / "deleted-source")).step == 2
+    again.close()
+
+
+def test_a_snapshot_of_another_global_batch_is_refused_naming_both(tmp_path):
+    """Its position counts global batches of its own size: another size would train on
+    other samples than the uninterrupted run."""
+    import dataclasses
+    ckpt, trainer = make(tmp_path)
+    train_step(trainer)
+    ckpt.save(trainer, wait=True)
+    ckpt.close()
+    again, fresh = make(tmp_path)
+    fresh.train = dataclasses.replace(fresh.train, global_batch_size=trainer.train.global_batch_size * 2)
+    with pytest.raises(tstate.StateMismatch, match=f"written with a global batch of "
+                                                   f"{trainer.train.global_batch_size}, this run has"):
+        again.restore(fresh)
     again.close()

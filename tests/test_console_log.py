@@ -75,3 +75,30 @@ def test_forwarder_copies_what_was_appended_since_the_last_call(tmp_path):
         f.write(b"two \xff\n")
     console.forward()
     assert out.getvalue() == "one\ntwo \ufffd\n"
+
+
+def test_forwarder_keeps_the_http_polling_off_the_console(tmp_path):
+    # httpx logs each request of Paddle's launcher to its HTTP master (twice a second while
+    # a node waits for its peers): the launch log keeps them, the console does not.
+    poll = (b'[2026-12-04 17:04:46,625] [    INFO] _client.py:1025 - HTTP Request: GET '
+            b'http://127.0.0.1:52259/default/info "HTTP/1.0 200 OK"\n')
+    log = tmp_path / "launch.log"
+    log.write_bytes(b"")
+    out = io.StringIO()
+    console = LaunchLogForwarder(out)
+    console.follow(log, 0)
+    with open(log, "ab") as f:
+        f.write(b"LAUNCH INFO waiting for peers\n" + poll * 3 + b"step 1 - loss: HTTP Request: ")
+    console.forward()
+    with open(log, "ab") as f:  # the rest of a line cut by the read is the line's, not noise
+        f.write(b'GET http://x "HTTP/1.0"\n' + poll + b"step 2\n")
+    console.forward()
+    with open(log, "ab") as f:  # a request line cut by the read goes, all of it
+        f.write(poll[:-10])
+    console.forward()
+    with open(log, "ab") as f:
+        f.write(poll[-10:] + b"step 3\n")
+    console.forward()
+    assert out.getvalue() == ('LAUNCH INFO waiting for peers\nstep 1 - loss: HTTP Request: '
+                              'GET http://x "HTTP/1.0"\nstep 2\nstep 3\n')
+    assert log.read_bytes().count(b"HTTP Request: GET http://127.0.0.1") == 5

@@ -20,7 +20,7 @@ What must hold every time: the older snapshot stays complete and byte-identical;
 reader lists it, and the next ``prepare()`` -- the next start -- removes it); the error
 names errno's text; after the space is back the same save succeeds.
 
-The training-side policy this documents (README, "Disk full or failing"): a persist error
+The training-side policy this documents (docs/checkpoints.md#disk-full-or-failing): a persist error
 is raised on the training thread at the next save (``checkpoint.async: false``: at once),
 the worker exits 1 with a CheckpointError naming the cause, the supervisor restarts from
 the newest complete snapshot (removing the leftover staging directory, which frees its

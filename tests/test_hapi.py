@@ -27,7 +27,8 @@ STEPS_PER_EPOCH = 63
 
 
 def clean_env(**extra):
-    """No inherited PADDLE_* / PADDLERUN_* variable may change the run (PADDLE_NOTES.md)."""
+    """No inherited PADDLE_* / PADDLERUN_* variable may change the run
+    (docs/paddle-behaviour.md#the-launcher)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PADDLE_", "PADDLERUN_"))}
     return {**env, "PYTHONUNBUFFERED": "1", **extra}
 
@@ -137,6 +138,25 @@ def test_supervised_script_restarts_a_killed_worker_and_ends_identical(tmp_path,
     assert {m["step"]: m["loss"] for m in resumed} == \
         {s: losses[s] for s in range(resume_step + 1, TOTAL + 1)}
     assert_no_leftovers(run_dir)
+
+
+def test_the_tutorial_runs_with_no_options_and_again_once_finished(tmp_path):
+    # As a user runs it: no directory given (it defaults to ./checkpoints), then the same
+    # command again after it finished -- what a requeue of a finished job does: nothing is
+    # trained, and the inference model is saved from the restored parameters.
+    argv = [sys.executable, str(EXAMPLE), "--max-steps", "3", "--epochs", "1", "--verbose", "0"]
+    digests = []
+    for run in range(2):
+        proc = subprocess.run(argv, cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, timeout=300)
+        assert proc.returncode == 0, f"run {run}:\n{proc.stdout[-5000:]}"
+        digests.append(digest_of(proc.stdout))
+        saved = sorted(tmp_path.glob("inference_model.*"))
+        assert saved, f"run {run} saved no inference model"
+        for path in saved:  # the next run must write its own
+            path.unlink()
+    assert [info.step for info in CheckpointStore(tmp_path / "checkpoints").snapshots()] == [3]
+    assert digests[0] == digests[1]
 
 
 # ---------------------------------------------------------------- in process

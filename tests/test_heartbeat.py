@@ -124,15 +124,19 @@ def test_blocked_main_thread_goes_stale_by_progress(writer_process):
 
 
 def test_slow_but_progressing_loop_never_goes_stale(writer_process):
-    proc, directory = writer_process(f"slow:{0.8 * HANG}")
+    # Steps 4x the heartbeat interval apart, and 5x inside the hang timeout (a step late by
+    # more than 1.6 s on a loaded machine would be needed to fail it); watched for 2.5 hang
+    # timeouts, so a rule that ignored the progress would call it stale.
+    hang, step = 2.0, 0.4
+    proc, directory = writer_process(f"slow:{step}")
     steps = set()
-    deadline = time.monotonic() + 3.5
+    deadline = time.monotonic() + 2.5 * hang
     while time.monotonic() < deadline:
-        beats, stale = check(directory)
+        beats, stale = check(directory, hang_timeout_s=hang)
         assert stale == {}, stale
         steps.add(beats[0].step)
         time.sleep(0.03)
-    assert len(steps) >= 4  # it did progress, slowly: steps 1.. every 0.8 s
+    assert len(steps) >= 5  # it did progress, slowly: ~12 steps
 
 
 def test_concurrent_reader_never_sees_a_partial_file(writer_process):

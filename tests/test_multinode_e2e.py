@@ -82,3 +82,24 @@ def test_a_worker_killed_on_node_1_restarts_both_nodes_which_end_identical(tmp_p
     assert worker_digests(tmp_path / "node1", attempt=1) == {0: reference}
     for rank in (0, 1):
         assert_no_leftovers(tmp_path / f"node{rank}")
+
+
+def test_waiting_for_a_late_node_keeps_the_http_polling_off_the_console(tmp_path):
+    # Node 0's launcher polls Paddle's HTTP master for its peer twice a second, and httpx
+    # logs each request; they belong in the launch log only.
+    port = free_port()
+    sets = ["train.max_steps=6", "launch.nnodes=2", f"launch.master=127.0.0.1:{port}",
+            "launch.nproc_per_node=1", f"checkpoint.dir={tmp_path / 'shared-ckpt'}"]
+    node0 = start(tmp_path / "node0", *sets, "launch.node_rank=0")
+    with killed_on_error(node0):
+        launch_log = tmp_path / "node0" / "logs" / "attempt-0" / "launch.log"
+        wait_for(lambda: launch_log.is_file() and launch_log.read_text().count("HTTP Request:") >= 4,
+                 120, "node 0's launcher to poll the master a few times")
+        node1 = start(tmp_path / "node1", *sets, "launch.node_rank=1")
+    outs = wait_all([node0, node1])
+    assert [p.returncode for p in (node0, node1)] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    for out in outs:
+        assert "HTTP Request:" not in out, out[-3000:]
+    assert "HTTP Request: GET http://" in launch_log.read_text()  # the log keeps them
+    for rank in (0, 1):
+        assert_no_leftovers(tmp_path / f"node{rank}")

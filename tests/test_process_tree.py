@@ -237,8 +237,9 @@ def test_close_terminates_everything_and_is_idempotent(fake_launch):
     info = read_pids(pidfile)
     wait_for(lambda: len(tree.members()) == 3, 5.0, "3 members")
     t0 = time.monotonic()
-    report = tree.close(term_timeout_s=5.0)
-    assert time.monotonic() - t0 < 4.0  # nobody ignores SIGTERM: no need to wait it out
+    report = tree.close(term_timeout_s=60.0)
+    # nobody ignores SIGTERM: close returns once all have exited, not after the 60 s
+    assert time.monotonic() - t0 < 30.0
     assert {r["pid"] for r in report} == {info["launch"][0], *(w[0] for w in info["workers"])}
     assert {r["how"] for r in report} == {"SIGTERM"}
     assert tree.poll() == -signal.SIGTERM
@@ -254,9 +255,10 @@ def test_worker_ignoring_sigterm_is_sigkilled_after_timeout(fake_launch):
     info = read_pids(pidfile)
     wait_for(lambda: len(tree.members()) == 3, 5.0, "3 members")
     t0 = time.monotonic()
-    report = tree.close(term_timeout_s=0.5)
+    report = tree.close(term_timeout_s=0.5, kill_timeout_s=60.0)
     elapsed = time.monotonic() - t0
-    assert 0.5 <= elapsed < 5.0
+    # waited out the SIGTERM timeout, then SIGKILL: gone at once, not after the 60 s
+    assert 0.5 <= elapsed < 30.0
     how = {r["pid"]: r["how"] for r in report}
     assert how[tree.pid] == "SIGTERM"
     for pid, _ in info["workers"]:

@@ -1,6 +1,5 @@
 """`paddlerun run` with the real launcher and 2 CPU workers."""
 import json
-import time
 
 import pytest
 
@@ -68,15 +67,14 @@ def test_run_dir_contract(two_runs):
     s = summary(run_dir)
     assert 0.0 <= s["eval"]["eval_acc"] <= 1.0 and s["eval"]["eval_samples"] == 1000
     assert len(s["digest"]) == 64
+    assert s["device"] == "cpu"  # trainer/device.py: a CPU run stays on the CPU
 
 
 def test_bad_config_exits_2_before_any_worker_starts(tmp_path):
     run_dir = tmp_path / "run"
-    started = time.time()
     result = run(run_dir, "train.epoch=3", timeout=60)
     assert result.returncode == 2
     assert "unknown key 'train.epoch'; did you mean 'train.epochs'?" in result.stdout
-    assert time.time() - started < 20
     assert not (run_dir / "logs").exists(), "no attempt was started"
     assert not processes_of(run_dir)
 

@@ -30,7 +30,8 @@ SUPERVISOR = ["supervisor.heartbeat_interval_s=0.25", "supervisor.hang_timeout_s
 
 
 def clean_env():
-    """No inherited PADDLE_* / PADDLERUN_* variable may change the run (PADDLE_NOTES.md)."""
+    """No inherited PADDLE_* / PADDLERUN_* variable may change the run
+    (docs/paddle-behaviour.md#the-launcher)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PADDLE_", "PADDLERUN_"))}
     return {**env, "PYTHONUNBUFFERED": "1"}
 

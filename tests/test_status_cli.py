@@ -274,3 +274,15 @@ def test_plot_without_matplotlib_says_how_to_install_it(tmp_path):
     assert result.returncode == 2
     assert "pip install 'paddlerun[plot]'" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "plot.png").exists()
+
+
+def test_plot_marks_a_resume_at_another_world_size():
+    from paddlerun.launcher.plot_cmd import timeline
+    events = [{"event": "started", "attempt": 0, "time": 1.0},
+              {"event": "snapshot_committed", "attempt": 0, "time": 2.0, "step": 20},
+              {"event": "started", "attempt": 1, "time": 3.0},
+              {"event": "resumed", "attempt": 1, "time": 4.0, "step": 30, "from_world_size": 2,
+               "to_world_size": 1}]
+    line = timeline([{"step": 10, "loss": 1.0, "attempt": 0}], events)
+    assert [(m.step, m.label) for m in line.resumes] == \
+        [(30, "attempt 1 resumed from step 30 on 1 workers (was 2)")]

@@ -1,6 +1,6 @@
 """Snapshots inside the worker: when to take one, capture, persist in the background, restore.
 
-Two phases (DESIGN.md "Checkpoints"): *capture* copies the state to host memory on
+Two phases (docs/checkpoints.md#commit): *capture* copies the state to host memory on
 the training thread (fast: into buffers reused from one snapshot to the next,
 :mod:`host_copy`); *persist* writes, fsyncs, hashes and commits it on a
 background thread. At most one persist is in flight: the next capture waits for
@@ -78,6 +78,8 @@ class Checkpointer:
         #: The optimizer state really is sharded (see sharding.enabled); the config may ask
         #: for it with one worker, where it is not.
         self.sharded = sharded
+        #: The global batch of the snapshot restored (None: none restored).
+        self.restored_global_batch_size: Optional[int] = None
         self.sharding_asked = config.train.sharded_optimizer
         self.events = events
         self.store = CheckpointStore(directory, lock_timeout_s=self.cfg.lock_timeout_s)
@@ -321,12 +323,10 @@ class Checkpointer:
                         raise CheckpointError(f"{path / STATE_FILE} lacks the keys "
                                               f"{sorted(REQUIRED_STATE_KEYS)}: it is corrupt")
                     self._check_compatible(state, path)
-                    opt_name = _optimizer_file(state, self.env.rank)
-                    if opt_name not in info.files:
-                        raise CheckpointError(f"{path}: has no {opt_name}, which its "
-                                              f"{STATE_FILE} says it holds: it is corrupt")
+                    check_global_batch(state["global_batch_size"], trainer.train.global_batch_size, path)
                     model = info.read_tensors(MODEL_FILE)
-                    optimizer = info.read_tensors(opt_name)
+                    optimizer = _read_optimizer(info, state, self.env.rank,
+                                                self.sharded and state["world_size"] == self.env.world_size)
             except CheckpointError as e:
                 log.warning("skipping snapshot %s: %s", path, e)
                 continue
@@ -342,8 +342,18 @@ class Checkpointer:
             tstate.restore_optimizer(trainer.optimizer, optimizer, state["optimizer_extra"])
             tstate.restore_rng(state["rng"])
             self.last_saved_step = state["step"]
+            self.restored_global_batch_size = state["global_batch_size"]
             log.info("resumed from %s: step %d, epoch %d, batch %d", path, state["step"],
                      state["epoch"], state["batch"])
+            if state["world_size"] != self.env.world_size:
+                log.info("the snapshot was written by %d workers, this attempt has %d: the same "
+                         "global batch of %d, now %d per worker", state["world_size"],
+                         self.env.world_size, state["global_batch_size"],
+                         state["global_batch_size"] // self.env.world_size)
+            if self.events is not None and self.env.local_rank == 0:  # once per run directory
+                self.events.emit("resumed", self.env.attempt, snapshot=path.name, step=state["step"],
+                                 from_world_size=state["world_size"], to_world_size=self.env.world_size,
+                                 sharded_optimizer=_sharded_on_disk(state))
             return Position(step=state["step"], epoch=state["epoch"], batch=state["batch"])
         if candidates or resume_from:
             log.warning("no usable snapshot in %s%s: starting from scratch", self.store.directory,
@@ -370,22 +380,20 @@ class Checkpointer:
         if state["global_batch_size"] % self.env.world_size:
             raise tstate.StateMismatch(f"{path}: its global batch {state['global_batch_size']} does not "
                                   f"divide among {self.env.world_size} workers")
-        written_sharded = _sharded_on_disk(state)
-        if written_sharded and state["world_size"] != self.env.world_size:
-            raise tstate.StateMismatch(f"{path}: written by {state['world_size']} ranks with a sharded "
-                                  f"optimizer; resuming it on {self.env.world_size} is not supported "
-                                  f"(each rank saved only its own shard of the optimizer state): run "
-                                  f"it with {state['world_size']} workers"
-                                  + ("" if self.sharding_asked else " and train.sharded_optimizer: true"))
-        if written_sharded != self.sharded:
-            raise tstate.StateMismatch(
-                f"{path}: written {'with' if written_sharded else 'without'} a "
-                f"sharded optimizer; set train.sharded_optimizer: "
-                f"{str(written_sharded).lower()} to resume it, or use a new run dir")
         if state["config_hash"] != self.config_hash and self.env.rank == 0:
             log.warning("%s was written with a different train config (hash %s, now %s); "
                         "resuming anyway: the model's shapes are checked next", path,
                         state["config_hash"][:12], self.config_hash[:12])
+
+
+def check_global_batch(saved: int, now: int, path) -> None:
+    """A snapshot's position counts global batches of its size: resuming it with another
+    size would train on other samples than the uninterrupted run. ``now`` 0: not known yet."""
+    if now and saved != now:
+        raise tstate.StateMismatch(
+            f"{path}: written with a global batch of {saved}, this run has {now}; resume with "
+            f"a global batch of {saved} (with hapi, batch_size = {saved} / the number of workers), "
+            f"or start a new run")
 
 
 def _then_resume_from(own: List[Path], resume_from: Optional[str]):
@@ -403,10 +411,36 @@ def _sharded_on_disk(state: dict) -> bool:
     return bool(state.get("sharded_optimizer")) and state["world_size"] > 1
 
 
-def _optimizer_file(state: dict, rank: int) -> str:
+def _read_optimizer(info, state: dict, rank: int, own_shard_only: bool) -> Dict[str, np.ndarray]:
+    """The optimizer state this rank restores.
+
+    A replicated snapshot holds it whole. A sharded one holds one shard per rank that
+    wrote it; at the same world size with the optimizer sharded again each rank reads its
+    own (Paddle partitions the parameters by the sharding degree alone, so the shares
+    match). At another world size, or unsharded now, the shards are merged by name into
+    the whole state: the sharded optimizer keeps only its new share of it
+    (``set_state_dict`` matches its own parameters by name), a plain one takes all.
+    """
     if not state.get("sharded_optimizer"):
-        return OPTIMIZER_FILE
-    return shard_file(rank if _sharded_on_disk(state) else 0)
+        names = [OPTIMIZER_FILE]
+    elif not _sharded_on_disk(state):
+        names = [shard_file(0)]  # one rank's "shard" is the whole state
+    elif own_shard_only:
+        names = [shard_file(rank)]
+    else:
+        names = [shard_file(r) for r in range(state["world_size"])]
+    merged: Dict[str, np.ndarray] = {}
+    for name in names:
+        if name not in info.files:
+            raise CheckpointError(f"{info.path}: has no {name}, which its {STATE_FILE} says it "
+                                  f"holds: it is corrupt")
+        arrays = info.read_tensors(name)
+        twice = merged.keys() & arrays.keys()
+        if twice:
+            raise CheckpointError(f"{info.path}: optimizer entries {sorted(twice)[:3]} are in more "
+                                  f"than one shard: it is corrupt")
+        merged.update(arrays)
+    return merged
 
 
 def _write_all(staging, files: Dict[str, Dict[str, np.ndarray]], side_by_side: bool) -> None:

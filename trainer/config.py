@@ -40,6 +40,9 @@ class ConfigError(ValueError, NotRetriable):
 
 @dataclass(frozen=True)
 class JobConfig:
+    """The run's name and where its files go."""
+
+    #: The job's name: the default run directory and the name in reports.
     name: str = "job"
     #: Where events, logs, checkpoints and the summary go; default ``runs/<name>``.
     run_dir: Optional[str] = None
@@ -47,10 +50,14 @@ class JobConfig:
 
 @dataclass(frozen=True)
 class LaunchConfig:
+    """How many workers, on which device, on how many nodes."""
+
     #: Workers per node: an int, or ``auto`` (the visible GPUs, else 2 CPU workers).
     nproc_per_node: Union[int, str] = "auto"
-    #: ``auto`` uses a GPU when Paddle is a CUDA build and one is visible.
+    #: ``auto``, ``cpu`` or ``gpu``; ``auto`` uses a GPU when Paddle is a CUDA build and one
+    #: is visible.
     device: str = "auto"
+    #: Number of nodes; every node runs ``paddlerun`` with the same config.
     nnodes: int = 1
     #: This node's rank among ``nnodes`` (multi-node only).
     node_rank: int = 0
@@ -64,48 +71,87 @@ class LaunchConfig:
 
 @dataclass(frozen=True)
 class SupervisorConfig:
+    """When a failure is noticed, and how often and how soon to restart."""
+
+    #: Restarts allowed in one invocation before giving up (exit 1).
     max_restarts: int = 3
+    #: Wait before a restart; doubles after each further failure. The first failure of an
+    #: attempt that trained restarts at once.
     backoff_s: float = 1.0
+    #: The longest wait between restarts.
     backoff_max_s: float = 30.0
     #: Give up when ``max_failures_in_window`` failures happen within this many seconds.
     failure_window_s: float = 600.0
+    #: Failures within ``failure_window_s`` that end the run (exit 1).
     max_failures_in_window: int = 5
+    #: How often each worker writes its heartbeat file.
     heartbeat_interval_s: float = 1.0
+    #: A training worker whose heartbeat or step has not changed for this long is hung: the
+    #: attempt is torn down and restarted. At least twice ``heartbeat_interval_s``.
     hang_timeout_s: float = 60.0
     #: Like hang_timeout_s, for start-up (import paddle, rendezvous, data, restore), which is
     #: slow on a busy machine and waits for every node. The supervisor never gives start-up
     #: less than hang_timeout_s: a user who raises that one alone means start-up, too.
     start_timeout_s: float = 180.0
+    #: After a preemption signal, how long the workers get to snapshot and stop before they
+    #: are killed.
     preempt_grace_s: float = 60.0
+    #: Signals to ``paddlerun`` that mean "snapshot, stop, exit 75" (SIGINT always does, exit 130).
     preempt_signals: typing.List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    #: Act on the cloud's preemption notice: ``auto`` (the cloud found from the machine's
+    #: firmware strings, nothing asked off a cloud), ``aws``, ``gcp``, ``azure`` or ``none``.
+    spot_notice: str = "auto"
+    #: Base URL of the instance metadata service instead of the provider's (proxies, tests).
+    spot_endpoint: Optional[str] = None
+    #: How often to ask for a notice (AWS recommends every 5 s; GCP waits in a long poll).
+    spot_poll_s: float = 5.0
+    #: Ask for the snapshot this long before the notice's deadline, on top of twice the
+    #: last snapshot's measured time and one agreement period.
+    spot_margin_s: float = 10.0
 
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """What is trained and how (paddlerun's own training loop; not script mode)."""
+
     #: A built-in name (``lenet``) or an import string ``pkg.module:factory``.
     model: str = "lenet"
+    #: Keyword arguments of the model factory.
     model_args: typing.Dict[str, Any] = field(default_factory=dict)
     #: A built-in name (``mnist``) or an import string ``pkg.module:factory``.
     dataset: str = "mnist"
+    #: Keyword arguments of the dataset factory (``mnist``: ``image_path``, ``label_path``,
+    #: ``test_image_path``, ``test_label_path`` of IDX ``.gz`` files).
     dataset_args: typing.Dict[str, Any] = field(default_factory=dict)
     #: A built-in name (``adam``, ``sgd``, ``momentum``, ``adamw``) or an import string.
     optimizer: str = "adam"
+    #: Keyword arguments of the optimizer factory (e.g. ``weight_decay``).
     optimizer_args: typing.Dict[str, Any] = field(default_factory=dict)
+    #: The (base) learning rate.
     lr: float = 0.001
     #: ``constant``, ``cosine``, ``step`` or an import string.
     lr_schedule: str = "constant"
+    #: Keyword arguments of the schedule factory.
     lr_schedule_args: typing.Dict[str, Any] = field(default_factory=dict)
     #: A built-in name (``cross_entropy``) or an import string.
     loss: str = "cross_entropy"
+    #: Passes over the training data. Raising it on a rerun extends training.
     epochs: int = 1
     #: Stop after this many global steps (``null``: run all epochs).
     max_steps: Optional[int] = None
     #: Samples per optimizer step over all workers; split evenly among them.
     global_batch_size: int = 64
+    #: Drop the last, smaller global batch of an epoch.
     drop_last: bool = False
+    #: Seeds Paddle, NumPy and Python, and the sample order of every epoch.
     seed: int = 2024
+    #: DataLoader worker processes per worker (random augmentation in them is not replayed
+    #: exactly on resume).
     num_workers: int = 0
+    #: Log (console, ``metrics.jsonl``) every this many steps; ranks agree on stop and
+    #: time-based snapshots at these steps.
     log_every_steps: int = 10
+    #: Evaluate on the eval split every this many epochs.
     eval_every_epochs: int = 1
     #: Run the optimizer step with fleet sharding stage 1 (state split across ranks).
     sharded_optimizer: bool = False
@@ -120,10 +166,16 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    #: Default ``RUN_DIR/checkpoints``.
+    """Where snapshots go, how often, and how many are kept."""
+
+    #: The checkpoints directory; default ``RUN_DIR/checkpoints``. Several nodes need one
+    #: they all see.
     dir: Optional[str] = None
+    #: A snapshot every this many global steps (``null``: none by steps).
     every_steps: Optional[int] = 200
+    #: A snapshot every this many seconds, decided by rank 0 (``null``: none by time).
     every_seconds: Optional[float] = None
+    #: Keep the newest this many complete snapshots.
     keep_last: int = 3
     #: Also keep every snapshot whose step is a multiple of this.
     keep_every_steps: Optional[int] = None
@@ -131,11 +183,14 @@ class CheckpointConfig:
     async_save: bool = True
     #: A snapshot, checkpoints dir or run dir to start from instead of this run's own.
     resume_from: Optional[str] = None
+    #: How long to wait for ``checkpoints/.lock`` before failing with a message naming it.
     lock_timeout_s: float = 60.0
 
 
 @dataclass(frozen=True)
 class Config:
+    """A whole run config: one field per YAML section."""
+
     job: JobConfig = field(default_factory=JobConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
@@ -335,6 +390,12 @@ def _validate(config: Any, source: str, prefix: str) -> None:
             need(getattr(config, key) >= 0, key, "must be >= 0")
         for key in ("heartbeat_interval_s", "hang_timeout_s", "start_timeout_s", "preempt_grace_s"):
             need(getattr(config, key) > 0, key, "must be > 0")
+        need(config.spot_notice in ("auto", "none", "aws", "gcp", "azure"), "spot_notice",
+             "must be auto, none, aws, gcp or azure")
+        need(config.spot_poll_s > 0, "spot_poll_s", "must be > 0")
+        need(config.spot_margin_s >= 0, "spot_margin_s", "must be >= 0")
+        need(config.spot_endpoint is None or config.spot_endpoint.startswith(("http://", "https://")),
+             "spot_endpoint", "must be an http:// or https:// URL")
         need(config.max_failures_in_window >= 1, "max_failures_in_window", "must be >= 1")
         need(config.hang_timeout_s >= 2 * config.heartbeat_interval_s, "hang_timeout_s",
              "must be at least twice heartbeat_interval_s")

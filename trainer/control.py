@@ -1,9 +1,10 @@
 """The supervisor's one request to running workers: "snapshot at the next step boundary and stop".
 
 A file, not a signal: a signal would kill a user's script that installs no handler,
-and a file works the same for paddlerun's worker and for script mode. Rank 0 looks
-for it at its agreement points (every ``train.log_every_steps``) and all ranks
-agree through the collective they already run there. Workers that get SIGTERM
+and a file works the same for paddlerun's worker and for script mode. Every rank
+looks for its node's file at its agreement points (every ``train.log_every_steps``)
+and all ranks agree (one asked: all stop) through the collective they already run
+there -- so one node's preemption notice stops a multi-node job cleanly. Workers that get SIGTERM
 themselves (a scheduler signalling every process) raise the same request.
 """
 from __future__ import annotations

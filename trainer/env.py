@@ -1,7 +1,7 @@
 """What a worker learns from its environment: rank, world, attempt, run directory.
 
 ``paddle.distributed.launch`` sets the PADDLE_* variables; the supervisor sets the
-PADDLERUN_* ones (documented in the README for script mode).
+PADDLERUN_* ones (docs/script-mode.md#environment).
 """
 from __future__ import annotations
 

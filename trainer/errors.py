@@ -2,7 +2,7 @@
 
 On an uncaught exception a worker writes ``RUN_DIR/errors/attempt-N/rank-K.json``
 with its traceback, so the supervisor can report the first failure by rank and
-cause instead of the launcher's generic exit code (as torch elastic does).
+cause instead of the launcher's generic exit code (docs/conventions.md#errors).
 
 How an exception is classified is decided here, by type, once, in the worker: the
 record carries the answers (``retriable``, ``peer_failure``) and the supervisor reads
@@ -39,8 +39,9 @@ class PeerFailure(RuntimeError):
 _NOT_RETRIABLE_BUILTINS = (ImportError, FileNotFoundError)
 
 # Paddle's collectives (gloo) raise a plain RuntimeError when a peer died or stopped
-# answering; its message is all there is to tell that apart, so this is the one place
-# that reads one. Our own gradient sum raises PeerFailure instead.
+# answering (docs/paddle-behaviour.md#peer-failures); its message is all there is to tell
+# that apart, so this is the one place that reads one. Our own gradient sum
+# (trainer/shm_reduce.py) raises PeerFailure instead.
 _GLOO_PEER_TEXT = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
                    "TIMEOUT", "Timed out", "timed out", "Connection refused")
 
@@ -59,7 +60,7 @@ def is_peer_failure(exc: BaseException) -> bool:
 def peer_failure_in_log(text: str) -> bool:
     """A worker's log tail shows a collective that lost its peer (the process aborted
     in C++, so it wrote no error file: gloo's ``gloo::...`` exceptions, or their text)."""
-    return "gloo::" in text or any(t in text for t in (*_GLOO_PEER_TEXT, "peer died"))
+    return "gloo::" in text or any(t in text for t in (*_GLOO_PEER_TEXT, "peer died", "peer gave up"))
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 ``paddle.DataParallel`` all-reduces gradients inside backward, on a C++ thread. When a
 peer dies there, gloo throws ``gloo::TimeoutException`` through C++ and the survivor
-aborts (SIGABRT) with no chance to save anything (measured; see the README). Doing the
+aborts (SIGABRT) with no chance to save anything (measured;
+docs/paddle-behaviour.md#peer-failures). Doing the
 all-reduce here, after ``backward()``, turns the same failure into a ``RuntimeError``
 on the training thread: the survivor still holds the last completed step and can write
 an emergency snapshot.

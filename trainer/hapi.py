@@ -290,4 +290,4 @@ class Checkpoint(paddle.callbacks.Callback):
             self.checkpointer.close()
         finally:
             self.link.close_metrics()
-        self.link.stop_heartbeat("done")
+        self.link.stop_heartbeat("stopped" if self._stop_reason == "preempted" else "done")

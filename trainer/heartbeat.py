@@ -65,7 +65,11 @@ __all__ = [
     "stale_ranks",
 ]
 
-PHASES = frozenset({"init", "train", "eval", "checkpoint", "done"})
+PHASES = frozenset({"init", "train", "eval", "checkpoint", "done", "stopped"})
+#: The last heartbeat of a worker that exits on purpose: ``done`` (training finished) or
+#: ``stopped`` (an agreed stop request -- a preemption on this node or another -- after
+#: its snapshot: the run is not finished, and the supervisor exits with the requeue code).
+ENDED_PHASES = frozenset({"done", "stopped"})
 #: How :func:`stale_ranks` starts the reason of a rank whose heartbeat stopped (the
 #: process is dead or stopped), as opposed to one whose training stopped progressing.
 NO_HEARTBEAT = "no heartbeat"
@@ -107,6 +111,11 @@ class Heartbeat:
 
     def age(self, now: float) -> float:
         return now - self.time
+
+    @property
+    def ended(self) -> bool:
+        """The worker said it exits on purpose (see :data:`ENDED_PHASES`)."""
+        return self.phase in ENDED_PHASES
 
     def progress_age(self, now: float) -> float:
         return now - self.step_time
@@ -306,7 +315,7 @@ def stale_ranks(
     stale: Dict[int, str] = {}
     for rank in sorted(beats):
         hb = beats[rank]
-        if hb.phase == "done":
+        if hb.ended:
             continue
         timeout = hang_timeout_s
         if phase_timeouts and hb.phase in phase_timeouts:
@@ -354,7 +363,7 @@ def lowest_live_rank(directory: PathLike, my_rank: int, remote_fresh_s: float = 
     host = socket.gethostname()
     live = {int(my_rank)}
     for rank, hb in beats.items():
-        if rank == my_rank or hb.phase == "done":
+        if rank == my_rank or hb.ended:
             continue
         if mine is not None and hb.attempt != mine.attempt:
             continue

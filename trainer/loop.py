@@ -28,6 +28,7 @@ from paddlerun.trainer.metrics import MetricsLog, write_json_atomic
 from paddlerun.trainer.progress import Progress, Throughput
 from paddlerun.trainer.rendezvous import wait_for_master
 from paddlerun.trainer.sampler import ResumableBatchSampler, shard_indices
+from paddlerun.trainer.device import select_device
 from paddlerun.trainer.errors import is_peer_failure
 from paddlerun.trainer.grad_sync import GradientSync, all_reduce_sums, broadcast_parameters, connect_host_sum
 from paddlerun.trainer.heartbeat import lowest_live_rank
@@ -44,16 +45,6 @@ class Position:
     step: int = 0
     epoch: int = 0
     batch: int = 0
-
-
-def select_device(want: str, local_rank: int) -> str:
-    has_gpu = paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
-    if want == "gpu" and not has_gpu:
-        raise RuntimeError("launch.device is 'gpu' but this Paddle has no usable GPU "
-                           "(install paddlerun[gpu] and check CUDA_VISIBLE_DEVICES), or set launch.device: cpu")
-    device = f"gpu:{local_rank}" if has_gpu and want != "cpu" else "cpu"
-    paddle.set_device(device)
-    return device
 
 
 def seed_everything(seed: int) -> None:
@@ -232,11 +223,12 @@ class Trainer:
             self.heartbeat.beat(self.position.step)
 
     def _flags(self):
-        """Rank 0's decisions for every rank: stop requested, time-based save due."""
+        """Decisions for every rank, summed over the ranks: a stop requested (on any rank:
+        each node's supervisor asks its own workers) and rank 0's time-based save due."""
+        stop = float(self.stop_requested())
         if not self.is_rank0:
-            return [0.0, 0.0]
-        return [float(self.stop_requested()),
-                float(self.checkpointer is not None and self.checkpointer.due_by_time(time.time()))]
+            return [stop, 0.0]
+        return [stop, float(self.checkpointer is not None and self.checkpointer.due_by_time(time.time()))]
 
     def _log(self, sums):
         """The agreement point, every ``log_every_steps``: ``sums`` (the window's metric

@@ -40,7 +40,7 @@ def main(argv=None) -> int:
         # Every rank logs its digest: tests compare them to prove the replicas agree.
         log.info("%s: %d steps, digest %s", summary["status"], summary["global_steps"],
                  summary["digest"])
-        heartbeat.stop("done")
+        heartbeat.stop("stopped" if summary["status"] == "preempted" else "done")
         return 0
     except BaseException as e:  # noqa: B902 - the root cause must reach the supervisor
         if isinstance(e, SystemExit) and not e.code:

@@ -1,7 +1,7 @@
 """A distributed batch sampler that can start in the middle of an epoch.
 
 Paddle's ``DistributedBatchSampler`` shuffles with ``RandomState(epoch)`` only and
-cannot resume mid-epoch (PADDLE_NOTES.md). Here the *global* order of an epoch
+cannot resume mid-epoch (docs/paddle-behaviour.md#data-order). Here the *global* order of an epoch
 depends only on ``(seed, epoch)``; global batch ``b`` is a fixed slice of that
 order, and rank ``r`` takes its ``r``-th equal share of every global batch. So
 the samples a step sees do not depend on when the process started, and a resumed

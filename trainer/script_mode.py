@@ -10,8 +10,9 @@ supervisor) a :class:`SupervisorLink` writes, per rank:
   Checkpointer, ``snapshot_committed`` events in ``events.jsonl``;
 
 and it answers the supervisor's stop request (``control/stop.json``, written when the
-supervisor is signalled; see :mod:`control`). Rank 0 reads the file and every rank gets
-rank 0's answer through one all-reduce, at every :data:`STOP_CHECK_EVERY`-th step.
+supervisor is signalled or the cloud gives notice; see :mod:`control`). Every rank reads
+its node's file and all ranks agree (any rank asked: all stop) through one all-reduce, at
+every :data:`STOP_CHECK_EVERY`-th step.
 
 Why only there: ranks may enter a collective only together, and the step count is the
 one thing every rank agrees on without a message. A rank that asked at a step the
@@ -172,8 +173,9 @@ class SupervisorLink:
         """A collective when world > 1: call it at the same step on every rank, or never."""
         if self.run_dir is None and not self._sigterm:
             return False
-        asked = self.run_dir is not None and self.env.rank == 0 \
-            and control.stop_requested(self.run_dir)
+        # Every rank reads its own node's request: in a multi-node job each node's
+        # supervisor writes into its own run directory (a spot notice on node 1).
+        asked = self.run_dir is not None and control.stop_requested(self.run_dir)
         flag = float(asked or (self._sigterm and signals.stop_signalled()))
         if self.env.world_size > 1:
             t = paddle.to_tensor([flag], dtype="float32")

@@ -47,7 +47,7 @@ from typing import Iterator, Optional
 import paddle
 
 from paddlerun.trainer import state as tstate
-from paddlerun.trainer.checkpointer import Checkpointer
+from paddlerun.trainer.checkpointer import Checkpointer, check_global_batch
 from paddlerun.trainer.config import TrainConfig
 from paddlerun.trainer.loop import Position
 from paddlerun.trainer.sampler import ResumableBatchSampler
@@ -147,6 +147,9 @@ class Session:
         The order depends only on ``(seed, epoch)``; ``global_batch_size`` is over all ranks
         and must divide by the world size. :meth:`epochs` moves it to each epoch.
         """
+        if self.checkpointer.restored_global_batch_size is not None:
+            check_global_batch(self.checkpointer.restored_global_batch_size, global_batch_size,
+                               self.directory)
         self._sampler = ResumableBatchSampler(dataset_size, global_batch_size,
                                               self.env.world_size, self.env.rank, seed=seed,
                                               shuffle=shuffle, drop_last=drop_last)
@@ -224,7 +227,8 @@ class Session:
 
     def finish(self) -> None:
         """Take the final snapshot (unless the stop's is already written), wait until it is
-        persisted, release the checkpoint directory and send the last heartbeat, "done".
+        persisted, release the checkpoint directory and send the last heartbeat ("done", or
+        "stopped" after a stop request: the supervisor then knows the run is not finished).
         Every rank, once, after the loop. A preempted run should then just exit (code 0)."""
         if self._finished:
             return
@@ -234,7 +238,7 @@ class Session:
             self.checkpointer.close()
         finally:
             self.link.close_metrics()
-        self.link.stop_heartbeat("done")
+        self.link.stop_heartbeat("stopped" if self.preempted else "done")
 
     def _save(self, reason: str, wait: bool = False) -> None:
         self.link.set_phase("checkpoint")

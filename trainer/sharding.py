@@ -6,7 +6,7 @@ Fleet does the data-parallel part itself: the optimizer step reduces each gradie
 (averaged) to the rank that owns the parameter, that rank updates it, and then
 broadcasts it to all the others, so every rank ends the step with the same
 parameters. ``paddle.distributed.sharding.group_sharded_parallel`` refuses CPU; this
-path runs on CPU/gloo too (PADDLE_NOTES.md, "Sharded optimizer state").
+path runs on CPU/gloo too (docs/paddle-behaviour.md#sharded-optimizer-state-zero-stage-1).
 
 Call order, on every rank: :func:`init` instead of ``dist.init_parallel_env()``,
 then :func:`wrap_model` on the user's layer, then :func:`wrap_optimizer` on the

@@ -21,11 +21,19 @@ another rank reads it. Each rank's counter has one writer; the order of its stor
 (data, then counter) is seen by the other cores as written: x86-64 only (TSO). Other
 machines keep gloo.
 
+Each slot carries a header -- the round it was written in, its byte count, its dtype --
+and every rank checks all three of every peer's slot before it sums: a slot left over
+from an earlier round, or ranks summing different arrays, is an error, never a wrong sum.
+A rank whose sum raised (a dead peer, a ``KeyboardInterrupt``, a ``MemoryError``) may have
+left a round half done: its object is broken from then on (every later call raises
+:class:`SumBroken`), and it tells its peers by setting its counter to ``_GAVE_UP``.
+
 A peer that dies while the others wait is seen within ``POLL_S`` through a pidfd of each
 peer (opened once every rank has mapped the segment, so no reused pid can fool it) and
 raised as a :class:`~paddlerun.trainer.errors.PeerFailure` ("peer died"), which the worker
 treats like gloo's "Connection reset by peer" (an emergency snapshot). A peer that stops
-answering raises one after ``TIMEOUT_S``, gloo's 30 s.
+answering raises one after ``TIMEOUT_S``, gloo's 30 s; one that gave up raises one
+("peer gave up") at once.
 """
 from __future__ import annotations
 
@@ -35,6 +43,7 @@ import os
 import platform
 import secrets
 import select
+import struct
 import time
 from typing import Optional
 
@@ -48,11 +57,16 @@ CHUNK = 1 << 20
 MAX_WORLD = 8
 POLL_S = 0.01
 TIMEOUT_S = 30.0
-_LINE = 64  # one cache line per rank: its round (a futex word), pid, bytes summed
+# One cache line of int32 per rank: its round (a futex word), its pid, then for each
+# parity of rounds its slot's header: round, bytes, dtype (``ord(dtype.char)``).
+_LINE = 64
+_SLOT_HEADER = 2  # index of parity 0's header in the line; parity 1's follows it
+_SLOT_FIELDS = struct.Struct("=3i")  # struct: ~0.3 us to write or read one, numpy ~2-6 us
 _HEADER = 64  # token (16 bytes), world size (int32)
 _SYS_FUTEX = 202  # x86-64
 _FUTEX_WAIT, _FUTEX_WAKE = 0, 1
 _ROUND_MASK = 0x7FFFFFFF
+_GAVE_UP = -1  # a rank's counter once its sum raised: outside every round
 _MEMFD_NAME = "paddlerun-gradient-sum"
 _libc = ctypes.CDLL(None, use_errno=True)  # releases the GIL while a rank waits
 
@@ -74,6 +88,11 @@ def unsupported_reason(world: int) -> Optional[str]:
     except (AttributeError, OSError) as e:
         return f"no pidfd_open ({e})"
     return None
+
+
+class SumBroken(RuntimeError):
+    """A :class:`SharedMemorySum` whose sum raised earlier (or that was closed): it cannot
+    be used again, as its peers may be in another round."""
 
 
 class SharedMemorySum:
@@ -99,16 +118,18 @@ class SharedMemorySum:
         lines = lines.reshape(world, _LINE // 4)
         self._rounds = lines[:, 0]  # rank -> the last round it reached (a futex word)
         self._pids = lines[:, 1]
-        # parity -> rank -> the bytes it summed in its last round of that parity (a rank
-        # one round ahead has written the other parity's)
-        self._sizes = (lines[:, 2], lines[:, 3])
+        # parity -> rank -> the offset of (round, bytes, dtype) of its slot of that parity
+        # (a rank one round ahead has written the other parity's)
+        self._headers = [[_HEADER + r * _LINE + 4 * (_SLOT_HEADER + 3 * parity)
+                          for r in range(world)] for parity in (0, 1)]
         base = _HEADER + world * _LINE
         self._slots = [[np.frombuffer(self._map, dtype=np.uint8, count=CHUNK,
                                       offset=base + (parity * world + r) * CHUNK)
                         for r in range(world)] for parity in (0, 1)]
         self._round_address = [lines.ctypes.data + r * _LINE for r in range(world)]
         self._pids[rank] = os.getpid()
-        self._round = 0
+        self._round = 0  # the last round this rank published
+        self._broken: Optional[str] = None  # why it cannot be used any more
         self._peers = {}  # pidfd -> rank, from watch_peers()
         self._exits = select.poll()
 
@@ -170,43 +191,80 @@ class SharedMemorySum:
 
     def all_reduce(self, array: np.ndarray) -> None:
         """Replace ``array`` (contiguous, the same size and dtype on every rank) by its
-        sum over the ranks, added in rank order."""
+        sum over the ranks, added in rank order. After any exception from here on the
+        object is broken: every later call raises :class:`SumBroken`."""
+        if self._broken is not None:
+            raise SumBroken(f"rank {self.rank}'s shared-memory gradient sum cannot be used "
+                            f"again: {self._broken}. Every rank must make a new one "
+                            f"(SharedMemorySum.create / attach)")
         if not array.flags.c_contiguous:
             raise ValueError("SharedMemorySum.all_reduce needs a contiguous array")
         if self.world == 1:
             return
         flat = array.reshape(-1).view(np.uint8)
         step = CHUNK - CHUNK % array.dtype.itemsize
-        for start in range(0, flat.size, step):
-            self._sum_chunk(flat[start:start + step], array.dtype)
+        try:
+            for start in range(0, flat.size, step):
+                self._sum_chunk(flat[start:start + step], array.dtype)
+        except BaseException as e:
+            self._give_up(f"its sum raised {e!r} after round {self._round}")
+            raise
 
     def _sum_chunk(self, chunk: np.ndarray, dtype: np.dtype) -> None:
-        self._round = (self._round + 1) & _ROUND_MASK
-        slots = self._slots[self._round & 1]
+        round_ = (self._round + 1) & _ROUND_MASK
+        parity = round_ & 1
+        slots = self._slots[parity]
         slots[self.rank][:chunk.size] = chunk
-        sizes = self._sizes[self._round & 1]
-        sizes[self.rank] = chunk.size
-        self._rounds[self.rank] = self._round  # last: the others may read the slot from now on
+        headers = self._headers[parity]
+        mine = (round_, chunk.size, ord(dtype.char))
+        _SLOT_FIELDS.pack_into(self._map, headers[self.rank], *mine)
+        self._rounds[self.rank] = round_  # last: the others may read the slot from now on
+        self._round = round_
         _futex(self._round_address[self.rank], _FUTEX_WAKE, 0x7FFFFFFF, None)
         for r in range(self.world):
             if r != self.rank:
                 self._wait_for(r)
-                if sizes[r] != chunk.size:
-                    raise RuntimeError(f"rank {r} summed {int(sizes[r])} bytes in round "
-                                       f"{self._round}, rank {self.rank} {chunk.size}: the ranks "
-                                       f"called all_reduce with different arrays")
+                theirs = _SLOT_FIELDS.unpack_from(self._map, headers[r])
+                if theirs != mine:
+                    self._mismatch(r, theirs, mine)
         out = chunk.view(dtype)
         np.add(slots[0][:chunk.size].view(dtype), slots[1][:chunk.size].view(dtype), out=out)
         for r in range(2, self.world):
             np.add(out, slots[r][:chunk.size].view(dtype), out=out)
 
+    def _mismatch(self, r: int, theirs, mine) -> None:
+        """Raise what differs between rank ``r``'s slot header and this rank's."""
+        (written, their_bytes, their_dtype), (_, nbytes, dtype) = theirs, mine
+        if written != self._round:
+            raise RuntimeError(f"rank {r}'s slot holds round {written}, not round {self._round}: "
+                               f"rank {r} skipped a round of the shared-memory gradient sum")
+        raise RuntimeError(f"rank {r} summed {their_bytes} bytes of {_dtype_name(their_dtype)} "
+                           f"in round {self._round}, rank {self.rank} {nbytes} bytes of "
+                           f"{_dtype_name(dtype)}: the ranks called all_reduce with different arrays")
+
+    def _give_up(self, why: str) -> None:
+        """Mark this object broken and tell the peers, which may wait for this rank."""
+        self._broken = why
+        if self._rounds is not None:
+            self._rounds[self.rank] = _GAVE_UP
+            _futex(self._round_address[self.rank], _FUTEX_WAKE, 0x7FFFFFFF, None)
+
     def _wait_for(self, r: int) -> None:
-        # Rank r is at most one round ahead (it waits for this rank's round too).
+        # Rank r is at most one round ahead (it waits for this rank's round too), and at
+        # most one behind (this rank got past the last round only once r had reached it).
         started = checked = time.monotonic()
         while True:
             seen = int(self._rounds[r])
-            if (seen - self._round) & _ROUND_MASK in (0, 1):
+            if seen == _GAVE_UP:
+                raise PeerFailure(f"peer gave up: rank {r} (pid {int(self._pids[r])}) left the "
+                                   f"shared-memory gradient sum on an error of its own")
+            ahead = (seen - self._round) & _ROUND_MASK
+            if ahead in (0, 1):
                 return
+            if ahead != _ROUND_MASK:  # nor one round behind (not there yet): out of step
+                raise RuntimeError(f"rank {r} is in round {seen} of the shared-memory gradient "
+                                   f"sum, rank {self.rank} in round {self._round}: a rank "
+                                   f"skipped a round")
             _futex(self._round_address[r], _FUTEX_WAIT, seen, POLL_S)
             # Whatever ended the wait (a timeout, a wake-up, a signal): signals arriving
             # faster than POLL_S must not keep a dead peer or the deadline from being seen.
@@ -231,7 +289,8 @@ class SharedMemorySum:
         for pidfd in self._peers:
             os.close(pidfd)
         self._peers = {}
-        self._slots = self._rounds = self._pids = self._sizes = None
+        self._broken = self._broken or "it was closed"
+        self._slots = self._rounds = self._pids = self._headers = None
         try:
             self._map.close()
         except BufferError:  # a caller still holds a view: the mapping goes with the process
@@ -240,6 +299,13 @@ class SharedMemorySum:
 
 def segment_size(world: int) -> int:
     return _HEADER + world * _LINE + 2 * world * CHUNK
+
+
+def _dtype_name(code: int) -> str:
+    try:
+        return np.dtype(chr(code)).name
+    except (TypeError, ValueError):
+        return f"dtype code {code}"
 
 
 def _futex(address: int, op: int, value: int, timeout_s: Optional[float]) -> None:
