@@ -30,7 +30,6 @@ safetensors + JSON and this module never unpickles anything.
 """
 from __future__ import annotations
 
-import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from typing import Any, Dict, List, Mapping
 import numpy as np
 
 from paddlerun.trainer.checkpoint import CheckpointError, SnapshotInfo
-from paddlerun.trainer.checkpoint.atomic import fsync_dir
+from paddlerun.trainer.atomic_file import atomic_write
 from paddlerun.trainer.checkpoint.layout import (MODEL_FILE, OPTIMIZER_FILE, SHARD_PATTERN,
                                                  STATE_FILE)
 
@@ -154,15 +153,6 @@ def pdopt_object(optimizer: Mapping[str, np.ndarray], extra: Mapping[str, Any]) 
 
 def write_pickle(path: Path, obj: Any) -> int:
     """Write ``obj`` as paddle.save does (pickle protocol 4), atomically; returns the size."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            pickle.dump(obj, f, protocol=PICKLE_PROTOCOL)
-            f.flush()
-            os.fsync(f.fileno())
-            size = f.tell()
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
-    return size
+    with atomic_write(path, durable=True) as f:
+        pickle.dump(obj, f, protocol=PICKLE_PROTOCOL)
+        return f.tell()

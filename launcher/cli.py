@@ -192,8 +192,9 @@ def cmd_run(args, script_args: List[str]) -> int:
     from paddlerun.cluster.slurm_job import inside_slurm  # finds its place from SLURM_*
     config, scheduler = inside_slurm(config, run_dir)
     check_paddle_installed(config)
-    preflight.check(config)
     spec = LaunchSpec(config=config, run_dir=run_dir, script=script, script_args=tuple(script_args))
+    preflight.check(config, workers=spec.nproc_per_node * config.launch.nnodes,
+                    script_mode=script is not None)
     return Supervisor(spec, scheduler=scheduler).run()
 
 

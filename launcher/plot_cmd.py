@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Dict, List, Optional, Tuple
 
 from paddlerun.launcher.usage import UsageError
 from paddlerun.launcher.exit_codes import FAILED, SUCCESS
+from paddlerun.trainer.atomic_file import atomic_write
 from paddlerun.trainer.events import read_events
 from paddlerun.trainer.metrics import read_metrics
 
@@ -183,9 +183,5 @@ def draw(line: Timeline, output: Path, title: str, canvas=None) -> None:
     fig.tight_layout()
     fmt = _format(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    try:
-        fig.savefig(tmp, format=fmt)
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(output, durable=False) as f:  # a picture: redrawn at will
+        fig.savefig(f, format=fmt)

@@ -12,10 +12,27 @@ from paddlerun.trainer import paddle_build
 from paddlerun.trainer.config import BUILTIN_FACTORIES, Config, ConfigError
 
 
-def check(config: Config) -> None:
+def check(config: Config, workers: int, script_mode: bool = False) -> None:
+    """``workers``: the job's resolved worker count (nproc_per_node x nnodes)."""
     check_paddle_version(config)
     check_factories(config)
     check_dataset_paths(config)
+    if not script_mode:  # a script splits its batches itself
+        check_batch_split(config, workers)
+
+
+def check_batch_split(config: Config, workers: int) -> None:
+    """Every worker takes the same share of a global batch (trainer/sampler.py)."""
+    batch = config.train.global_batch_size
+    if batch % workers:
+        lower, higher = batch - batch % workers, batch - batch % workers + workers
+        launch = config.launch
+        raise ConfigError(
+            f"train.global_batch_size={batch} is not divisible by the {workers} workers "
+            f"(launch.nproc_per_node={launch.nproc_per_node} -> {workers // launch.nnodes} per node "
+            f"x launch.nnodes={launch.nnodes}); set train.global_batch_size to a multiple of "
+            f"{workers} ({', '.join(str(b) for b in (lower, higher) if b > 0)}) or change the "
+            f"worker count")
 
 
 def check_paddle_version(config: Config) -> None:

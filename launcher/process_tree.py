@@ -215,6 +215,14 @@ class ProcessTree:
             return None
         return self._popen.poll()
 
+    def signal_launch(self, sig: int) -> bool:
+        """Send ``sig`` to the launch process alone (not its workers); False if it has
+        exited. Its ``Popen`` has not reaped it then, so the pid is not a reused one."""
+        if self._popen is None or self._popen.poll() is not None:
+            return False
+        self._popen.send_signal(sig)
+        return True
+
     @property
     def returncode(self) -> Optional[int]:
         return None if self._popen is None else self._popen.returncode

@@ -5,6 +5,7 @@ Pure policy: it sees the history of failures and answers; it starts nothing.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Optional, Sequence
 
 from paddlerun.trainer.config import SupervisorConfig
@@ -17,13 +18,29 @@ NO_PROGRESS_LIMIT = 2
 WRITER_BUSY = "WriterBusyError"
 
 
+class FailureKind(str, Enum):
+    """How an attempt failed, as the root cause says (``kind`` in events and summary.json).
+
+    ERROR        a worker raised: its error file has the exception and traceback
+    WORKER_DIED  a worker process died (a signal, or an exit the launcher reported with a
+                 negative code) without an error file
+    WORKER_EXIT  the launcher reported a worker that exited non-zero, no error file
+    HANG         a worker's heartbeat or progress stopped for longer than the timeout
+    LAUNCH_EXIT  the launch process exited (or could not start) and nothing else explains it
+    """
+    ERROR = "error"
+    WORKER_DIED = "worker_died"
+    WORKER_EXIT = "worker_exit"
+    HANG = "hang"
+    LAUNCH_EXIT = "launch_exit"
+
+
 @dataclass(frozen=True)
 class Failure:
     """One failed attempt, root cause first (the supervisor's report names all of it)."""
     attempt: int
     time: float
-    #: worker_exit, worker_killed, launch_exit, launch_killed, hang, error
-    kind: str
+    kind: FailureKind
     cause: str
     rank: Optional[int] = None
     pid: Optional[int] = None
@@ -34,12 +51,21 @@ class Failure:
     retriable: bool = True
     #: Whether the attempt completed any training step.
     progressed: bool = True
-    #: The class name of the worker's exception, when the cause is one (its error file).
+    #: The exception's class name, for ``kind`` ERROR (from the worker's error file).
     error_type: Optional[str] = None
+    #: The exit status the root cause names (negative: killed by that signal), if any.
+    exit_code: Optional[int] = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "kind", FailureKind(self.kind))
 
     @property
-    def signature(self) -> str:
-        return f"{self.kind}:{self.cause.split(':')[0]}"
+    def signature(self) -> tuple:
+        """What "failed the same way" compares (typed fields, never the message text): an
+        error's exception type (whichever rank raised it first), else rank and exit status."""
+        if self.kind is FailureKind.ERROR:
+            return (self.kind, self.error_type)
+        return (self.kind, self.rank, self.exit_code)
 
 
 @dataclass(frozen=True)

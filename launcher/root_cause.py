@@ -17,75 +17,77 @@ from typing import Dict, Mapping, Optional
 
 from paddlerun.launcher.console_log import tail_lines
 from paddlerun.launcher.process_tree import describe_exit
-from paddlerun.launcher.restart_policy import Failure
-from paddlerun.trainer.errors import PEER_FAILURE_TEXT, read_errors
+from paddlerun.launcher.restart_policy import Failure, FailureKind
+from paddlerun.trainer.errors import ErrorRecord, peer_failure_in_log, read_errors
 from paddlerun.trainer.heartbeat import NO_HEARTBEAT
 
 _CONTAINER_FAILED = re.compile(r"Container rank (\d+) status failed .*? code (-?\d+)")
 LOG_TAIL_LINES = 20
 
 
-def diagnose(kind: str, run_dir: Path, attempt: int, log_dir: Path, beats: Mapping,
+def diagnose(detected: FailureKind, run_dir: Path, attempt: int, log_dir: Path, beats: Mapping,
              returncode: Optional[int] = None, dead: Optional[Dict[int, Optional[int]]] = None,
              reasons: Optional[Dict[int, str]] = None, noticed_at: Optional[float] = None,
              first_rank: int = 0) -> Failure:
-    """``dead``: rank -> return code (None if unknown) of workers seen dead.
+    """``detected``: what the supervisor saw (LAUNCH_EXIT, WORKER_DIED or HANG); the root
+    cause may be another kind (a worker that died of an exception is an ERROR).
+    ``dead``: rank -> return code (None if unknown) of workers seen dead.
 
     ``first_rank``: the global rank of this node's local rank 0. Paddle's launcher
     numbers its workers' logs and its reports per node (``workerlog.0`` is local rank 0).
     """
+    detected = FailureKind(detected)
     now = noticed_at or time.time()
     dead = dead or {}
     progressed = any(hb.phase != "init" for hb in beats.values())
     errors = read_errors(run_dir, attempt)
-    primary = sorted((e for e in errors.values() if not e.get("peer_failure")), key=lambda e: e["time"])
-    secondary = sorted((e for e in errors.values() if e.get("peer_failure")), key=lambda e: e["time"])
+    primary = sorted((e for e in errors.values() if not e.peer_failure), key=lambda e: e.time)
+    secondary = sorted((e for e in errors.values() if e.peer_failure), key=lambda e: e.time)
     launcher_codes = {first_rank + r: code for r, code in launcher_reports(log_dir / "launch.log").items()}
 
     def worker_log(rank: int) -> Path:
         return log_dir / f"workerlog.{rank - first_rank}"
 
-    def from_error(e: dict) -> Failure:
-        return Failure(attempt, now, "error", f"{e['type']}: {e['message']}", rank=e["rank"],
-                       pid=e.get("pid"), host=e.get("host"), detail=e.get("traceback", ""),
-                       retriable=e.get("retriable", True), progressed=progressed,
-                       error_type=e.get("type"))
+    def from_error(e: ErrorRecord) -> Failure:
+        return Failure(attempt, now, FailureKind.ERROR, f"{e.type}: {e.message}", rank=e.rank,
+                       pid=e.pid, host=e.host, detail=e.traceback, retriable=e.retriable,
+                       progressed=progressed, error_type=e.type)
 
-    def from_rank(kind: str, rank: int, cause: str) -> Failure:
+    def from_rank(kind: FailureKind, rank: int, cause: str, code: Optional[int] = None) -> Failure:
         hb = beats.get(rank)
         return Failure(attempt, now, kind, cause, rank=rank, pid=hb.pid if hb else None,
                        host=hb.host if hb else socket.gethostname(),
-                       detail=log_tail(worker_log(rank)), progressed=progressed)
+                       detail=log_tail(worker_log(rank)), progressed=progressed, exit_code=code)
 
     if primary:
         return from_error(primary[0])
-    if kind == "hang" and reasons:
+    if detected is FailureKind.HANG and reasons:
         # A rank whose heartbeat stopped (dead, SIGSTOPped) over one merely waiting on it.
         rank = min(reasons, key=lambda r: (not reasons[r].startswith(NO_HEARTBEAT), r))
-        return from_rank("hang", rank, f"rank {rank} hung: {reasons[rank]}")
+        return from_rank(FailureKind.HANG, rank, f"rank {rank} hung: {reasons[rank]}")
     killed = {r: code for r, code in launcher_codes.items() if code < 0}
     if dead or killed:
         candidates = {**killed, **{r: c if c is not None else killed.get(r) for r, c in dead.items()}}
         rank = min(candidates, key=lambda r: (died_of_peer(worker_log(r), candidates[r]), r))
         code = candidates[rank]
         how = describe_exit(code) if code is not None else "died (its exit status was not seen)"
-        return from_rank("worker_died", rank, f"rank {rank} {how}")
+        return from_rank(FailureKind.WORKER_DIED, rank, f"rank {rank} {how}", code)
     if launcher_codes:
         rank = min(launcher_codes)
-        return from_rank("worker_exit", rank, f"rank {rank} {describe_exit(launcher_codes[rank])}")
+        return from_rank(FailureKind.WORKER_EXIT, rank,
+                         f"rank {rank} {describe_exit(launcher_codes[rank])}", launcher_codes[rank])
     if secondary:
         return from_error(secondary[0])
     what = describe_exit(returncode) if returncode is not None else "stopped"
-    return Failure(attempt, now, "launch_exit", f"the launch process {what}",
+    return Failure(attempt, now, FailureKind.LAUNCH_EXIT, f"the launch process {what}",
                    host=socket.gethostname(), detail=log_tail(log_dir / "launch.log"),
-                   progressed=progressed)
+                   progressed=progressed, exit_code=returncode)
 
 
 def died_of_peer(worker_log: Path, code: Optional[int]) -> bool:
     """A worker that aborted because a collective lost its peer: gloo throws through C++
     (``gloo::TimeoutException``, SIGABRT). A consequence, not the root cause."""
-    tail = log_tail(worker_log, lines=40)
-    return code == -signal.SIGABRT or "gloo::" in tail or any(t in tail for t in PEER_FAILURE_TEXT)
+    return code == -signal.SIGABRT or peer_failure_in_log(log_tail(worker_log, lines=40))
 
 
 def launcher_reports(path: Path) -> Dict[int, int]:

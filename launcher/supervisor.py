@@ -26,7 +26,7 @@ from paddlerun.launcher.exit_watch import ExitWatch
 from paddlerun.launcher.launch import LaunchSpec
 from paddlerun.launcher.leftovers import find_leftovers, stop_leftovers
 from paddlerun.launcher.process_tree import ProcessTree, become_subreaper
-from paddlerun.launcher.restart_policy import Failure, RestartPolicy
+from paddlerun.launcher.restart_policy import Failure, FailureKind, RestartPolicy
 from paddlerun.launcher.scheduler import NoScheduler, StopNotice
 from paddlerun.launcher.spot_watch import SpotWatch, resolve_provider
 from paddlerun.trainer import control
@@ -244,7 +244,7 @@ class Supervisor:
         try:
             self.tree.start()
         except OSError as e:
-            self._pending = Failure(self.attempt, time.time(), "launch_exit",
+            self._pending = Failure(self.attempt, time.time(), FailureKind.LAUNCH_EXIT,
                                     f"cannot start {argv[0]}: {e}", retriable=False, progressed=False)
             return State.FAILED
         finally:
@@ -292,7 +292,7 @@ class Supervisor:
                         return State.PREEMPTED
                     self._emit("succeeded")
                     return State.SUCCEEDED
-                self._pending = self._diagnose("launch_exit", beats, returncode=returncode)
+                self._pending = self._diagnose(FailureKind.LAUNCH_EXIT, beats, returncode=returncode)
                 return State.FAILED
             for rank, code in dead_ranks(local).items():
                 seen = self._dead.setdefault(rank, (now, code))
@@ -303,7 +303,7 @@ class Supervisor:
                 first_seen = min(t for t, _ in self._dead.values())
                 if now - first_seen >= 2 * POLL_S:
                     self._pending = self._diagnose(
-                        "worker_died", beats, noticed_at=first_seen,
+                        FailureKind.WORKER_DIED, beats, noticed_at=first_seen,
                         dead={rank: code for rank, (_, code) in self._dead.items()})
                     return State.FAILED
             stale = stale_ranks(beats, now, hang_timeout, phase_timeouts={"init": start_timeout})
@@ -313,7 +313,7 @@ class Supervisor:
             if stale or missing:
                 reasons = stale or {r: f"never sent a heartbeat in {start_timeout:g} s" for r in missing}
                 self._emit("hang_detected", ranks={str(k): v for k, v in reasons.items()})
-                self._pending = self._diagnose("hang", beats, reasons=reasons)
+                self._pending = self._diagnose(FailureKind.HANG, beats, reasons=reasons)
                 return State.FAILED
             # Until every local rank has sent a heartbeat, look often: a worker that dies
             # before its pid is watched is found only at the next look, maybe reaped by the
@@ -325,11 +325,10 @@ class Supervisor:
         failure = self._pending
         self.failures.append(failure)
         self._emit("worker_failed", **failure_details(failure))
-        if failure.kind == "worker_died":
-            # A survivor may be writing its emergency snapshot, which a teardown would cut
-            # short: wait until every local worker has exited (it exits when done), or the
-            # launcher, which stops them itself within a few seconds, has.
-            self._wait_for_workers_to_exit(LAUNCH_EXIT_GRACE_S)
+        if self._dead:
+            # Keyed on what was seen, not on the diagnosis: a worker died (of a signal or
+            # of an exception) and a survivor may be writing its emergency snapshot.
+            self._let_survivors_finish()
         self._teardown("failure")
         self._print_report(failure)
         if self._stop_asked():
@@ -441,22 +440,40 @@ class Supervisor:
             return f"no worker has sent a heartbeat yet; training would start from {where}"
         return f"no worker has trained since {where}"
 
-    def _wait_for_workers_to_exit(self, timeout_s: float) -> None:
-        """Until the launch process or every local worker has exited (or ``timeout_s``).
+    def _let_survivors_finish(self) -> None:
+        """After a local worker died: wait until every local worker has exited (a survivor
+        writing its emergency snapshot exits when done), or the launch process has.
 
-        Paddle's launcher notices a dead worker only after ~1 s and then SIGTERMs the
-        rest; a survivor that wrote its emergency snapshot has exited before that
-        (measured), and waiting for the launcher would only add to the recovery time.
+        Paddle's launcher notices a dead worker only after ~1 s, SIGTERMs the rest (a
+        survivor ignores that while it saves) and SIGKILLs them 3 s later, however long
+        the snapshot needs. So while a live survivor says it is saving (heartbeat phase
+        ``checkpoint``), the launch process is held with SIGSTOP (the teardown's SIGCONT
+        wakes it) and the wait may last ``supervisor.preempt_grace_s``, the time a snapshot
+        on the way out is given. Otherwise it ends after ``LAUNCH_EXIT_GRACE_S``: with no
+        snapshot to wait for, waiting for the launcher only adds to the recovery time.
         """
         hb_dir = self.run_dir / "heartbeats"
-        deadline = time.time() + timeout_s
-        while self.tree.poll() is None and time.time() < deadline and len(self.signals) < 2:
+        sup = self.config.supervisor
+        started = time.time()
+        held = False
+        while self.tree.poll() is None and len(self.signals) < 2:
             self.console.forward()
+            now = time.time()
             local = {r: hb for r, hb in self._local(read_heartbeats(hb_dir, attempt=self.attempt)).items()
                      if hb.host == self.host}
             dead = dead_ranks(local)
-            if local and all(r in dead or hb.ended for r, hb in local.items()):
-                return
+            alive = {r: hb for r, hb in local.items() if r not in dead and not hb.ended}
+            if local and not alive:
+                break
+            saving = sorted(r for r, hb in alive.items()
+                            if hb.phase == "checkpoint" and hb.age(now) < sup.hang_timeout_s)
+            if saving and not held and self.tree.signal_launch(signal.SIGSTOP):
+                held = True
+                self._emit("launch_held", saving_ranks=saving)
+                log.info("rank %s is writing a snapshot: the launch process is held until it "
+                         "is done (at most %.0f s)", ",".join(map(str, saving)), sup.preempt_grace_s)
+            if now - started >= (sup.preempt_grace_s if held else LAUNCH_EXIT_GRACE_S):
+                break
             self.exits.sleep(POLL_S)  # the survivor's exit wakes it at once
 
     def _local_workers_done(self) -> bool:

@@ -116,6 +116,27 @@ BAD_CONFIGS = [
               "launch.nproc_per_node must be a positive integer or 'auto', got 0"),
     BadConfig("zero-hang-timeout", "supervisor:\n  hang_timeout_s: 0\n",
               "supervisor.hang_timeout_s must be > 0, got 0"),
+    # values that used to pass the loader and fail later (a traceback, or workers that start)
+    BadConfig("unknown-signal-via-set", "train: {}\n",
+              "supervisor.preempt_signals[0] 'SIGFOO' is not a signal name; use names such as SIGTERM",
+              sets=("supervisor.preempt_signals=[SIGFOO]",)),
+    BadConfig("uncatchable-signal", "supervisor:\n  preempt_signals: [SIGTERM, SIGKILL]\n",
+              "supervisor.preempt_signals[1] 'SIGKILL' is a signal no process can catch"),
+    BadConfig("batch-not-divisible-via-set", "launch:\n  nproc_per_node: 2\n",
+              "train.global_batch_size=63 is not divisible by the 2 workers (launch.nproc_per_node=2 "
+              "-> 2 per node x launch.nnodes=1); set train.global_batch_size to a multiple of 2 (62, 64)",
+              sets=("train.global_batch_size=63",), names_file=False),
+    BadConfig("batch-not-divisible-multinode",
+              "launch:\n  nproc_per_node: 2\n  nnodes: 2\n  master: 127.0.0.1:1\ntrain:\n"
+              "  global_batch_size: 66\n",
+              "train.global_batch_size=66 is not divisible by the 4 workers", names_file=False),
+    BadConfig("extra-args-repeat-a-flag", "launch:\n  extra_args: [--log_level, DEBUG, --nproc_per_node, '4']\n",
+              "launch.extra_args[2] '--nproc_per_node' repeats --nproc_per_node, which paddlerun passes "
+              "to paddle.distributed.launch itself; remove it (set launch.nproc_per_node instead)"),
+    BadConfig("extra-args-repeat-log-dir", "launch:\n  extra_args: ['--log_dir=/tmp/elsewhere']\n",
+              "launch.extra_args[0] '--log_dir=/tmp/elsewhere' repeats --log_dir"),
+    BadConfig("extra-args-abbreviate-a-flag", "launch:\n  extra_args: [--nnode, '2']\n",
+              "launch.extra_args[0] '--nnode' repeats --nnodes"),
     # paths and imports that do not resolve
     BadConfig("missing-dataset-path",
               "train:\n  dataset_args:\n    image_path: {tmp}/nowhere/train-images-idx3-ubyte.gz\n",

@@ -83,3 +83,19 @@ def test_builtin_factory_names_match_their_implementations():
     assert tuple(factories.LOSSES) == BUILTIN_FACTORIES["loss"]
     assert tuple(factories._model_builtins()) == BUILTIN_FACTORIES["model"]
     assert tuple(factories._dataset_builtins()) == BUILTIN_FACTORIES["dataset"]
+
+
+def test_extra_args_may_not_repeat_any_flag_paddlerun_passes(tmp_path):
+    # LAUNCH_FLAGS is what config validation refuses in launch.extra_args: it must cover
+    # every flag LaunchSpec puts before the script, multi-node included.
+    from paddlerun.launcher.launch import LaunchSpec
+    from paddlerun.trainer.config import LAUNCH_FLAGS, config_from_dict
+    config = config_from_dict({"launch": {"nproc_per_node": 2, "nnodes": 2, "master": "127.0.0.1:1"}})
+    argv = LaunchSpec(config=config, run_dir=tmp_path).argv(0)
+    script = next(i for i, a in enumerate(argv) if a.endswith("worker.py"))
+    passed = {a for a in argv[3:script] if a.startswith("--")}
+    assert passed == set(LAUNCH_FLAGS)
+    for flag in passed:
+        with pytest.raises(ConfigError, match=r"launch\.extra_args\[1\]"):
+            config_from_dict({"launch": {"extra_args": ["--log_level=DEBUG", f"{flag}=1"]}})
+    config_from_dict({"launch": {"extra_args": ["--log_level", "DEBUG", "--job_id", "x"]}})  # others pass

@@ -103,6 +103,27 @@ def test_emergency_snapshot_equals_a_scheduled_one(tmp_path, tmp_path_factory):
     assert state_a == state_b
 
 
+def test_a_slow_emergency_snapshot_outlives_a_peers_python_exception(tmp_path):
+    # Rank 1 raises in its forward at step 26 (diagnosed "error", not "worker_died");
+    # rank 0's emergency snapshot of step 25 then takes 8 s: longer than the teardown's
+    # 5 s and Paddle's launcher's SIGTERM + 3 s. It commits and the rerun resumes from it.
+    proc = start(tmp_path, "train.max_steps=40", "checkpoint.every_steps=1000",
+                 "train.model=broken_factories:lenet_failing_on_rank",
+                 "train.model_args={rank: 1, after_steps: 25}",
+                 env={"PYTHONPATH": str(REPO / "tests"),
+                      "PADDLERUN_TEST_PAUSE_BEFORE_EMERGENCY_COMMIT": "8"})
+    code, out = finish(proc, tmp_path)
+    assert code == 0, out[-6000:]
+    failed = next(e for e in events(tmp_path) if e["event"] == "worker_failed")
+    assert (failed["kind"], failed["rank"]) == ("error", 1), failed
+    assert "ValueError: injected fault" in failed["cause"]
+    committed = [e for e in events(tmp_path) if e["event"] == "snapshot_committed"]
+    assert [(e["reason"], e["step"]) for e in committed] == [("emergency", 25), ("final", 40)], committed
+    assert committed[0]["persist_s"] >= 8
+    assert any(e["event"] == "launch_held" for e in events(tmp_path))
+    assert "resumed from" in out and "step-00000025" in out.split("resumed from", 1)[1].splitlines()[0]
+
+
 def test_sigkill_of_the_launch_process(tmp_path, reference):
     proc = start(tmp_path, TOTAL)
     worker_pid_at_step(tmp_path, 0, 25)

@@ -3,15 +3,17 @@ import dataclasses
 
 import pytest
 
-from paddlerun.launcher.restart_policy import Failure, RestartPolicy
+from paddlerun.launcher.restart_policy import Failure, FailureKind, RestartPolicy
 from paddlerun.trainer.config import SupervisorConfig
 
 CONFIG = SupervisorConfig(max_restarts=5, backoff_s=1.0, backoff_max_s=3.0, failure_window_s=100.0,
                           max_failures_in_window=4)
 
 
-def failure(t, progressed=True, kind="worker_killed", cause="rank 1 killed by SIGKILL", retriable=True):
-    return Failure(attempt=0, time=t, kind=kind, cause=cause, progressed=progressed, retriable=retriable)
+def failure(t, progressed=True, kind=FailureKind.WORKER_DIED, cause="rank 1 killed by SIGKILL",
+            retriable=True, **typed):
+    return Failure(attempt=0, time=t, kind=kind, cause=cause, progressed=progressed,
+                   retriable=retriable, **typed)
 
 
 def decide(*failures, config=CONFIG):
@@ -51,9 +53,35 @@ def test_the_restart_budget_gives_up():
 
 
 def test_two_attempts_failing_alike_before_their_first_step_give_up():
-    same = dict(progressed=False, kind="worker_exit", cause="ImportError: no module named x")
+    same = dict(progressed=False, kind=FailureKind.WORKER_EXIT, cause="rank 1 exited with code 1",
+                rank=1, exit_code=1)
     d = decide(failure(0, **same), failure(5, **same))
     assert not d.restart and "before their first step" in d.reason
+
+
+def test_the_same_exception_on_another_rank_with_another_message_is_the_same_failure():
+    # Compared by kind and exception type, never by message text (which names paths, ranks).
+    a = failure(0, progressed=False, kind=FailureKind.ERROR, cause="ValueError: /data/a missing",
+                rank=0, error_type="ValueError")
+    b = failure(5, progressed=False, kind=FailureKind.ERROR, cause="ValueError: bad shape 3",
+                rank=1, error_type="ValueError")
+    assert not decide(a, b).restart
+    c = dataclasses.replace(b, error_type="KeyError", cause="KeyError: 'x'")
+    assert decide(a, c).restart
+
+
+def test_failures_alike_only_in_their_message_prefix_are_not_the_same():
+    # Before typed kinds, "rank 1 ..." causes were compared up to the first ':'.
+    a = failure(0, progressed=False, kind=FailureKind.WORKER_DIED, rank=1, exit_code=-9)
+    b = failure(5, progressed=False, kind=FailureKind.WORKER_DIED, rank=1, exit_code=-11,
+                cause="rank 1 killed by SIGSEGV")
+    assert decide(a, b).restart
+
+
+def test_failure_kinds_are_an_enum_and_unknown_kinds_are_refused():
+    assert failure(0, kind="hang").kind is FailureKind.HANG  # a kind read back from JSON
+    with pytest.raises(ValueError):
+        failure(0, kind="worker_killed")  # never produced: no such kind
 
 
 def test_a_fault_no_restart_can_fix_gives_up_at_once():

@@ -136,6 +136,9 @@ class Checkpointer:
         self._pause_before_commit = (int(step), float(seconds)) if seconds and env.attempt == 0 \
             else None
         self._release_commit = os.environ.get("PADDLERUN_TEST_RELEASE_COMMIT")
+        #: Test-only: seconds an emergency snapshot sleeps before its commit (a slow one).
+        self._pause_before_emergency_commit = float(
+            os.environ.get("PADDLERUN_TEST_PAUSE_BEFORE_EMERGENCY_COMMIT") or 0)
 
     # ------------------------------------------------------------ schedule
 
@@ -263,6 +266,8 @@ class Checkpointer:
         if self._pause_before_commit and self._pause_before_commit[0] == c.step \
                 and c.reason != "emergency":
             self._test_pause(self._pause_before_commit[1])
+        if c.reason == "emergency":
+            time.sleep(self._pause_before_emergency_commit)
         shards = [shard_file(r) for r in range(self.env.world_size)] if self.sharded else []
         path = self.store.commit(staging, meta={
             "step": c.step, "epoch": c.trainer_state["epoch"], "world_size": self.env.world_size,
@@ -306,8 +311,9 @@ class Checkpointer:
         Caller: the lowest surviving rank (in plain data parallel every rank holds the
         same replica). ``rng`` is the RNG state from the start of the failed step
         (:func:`state.capture_rng`), so the snapshot is bit-identical to a scheduled one
-        at that step. The launcher SIGKILLs survivors ~4 s after a death, so this must
-        be quick; if it is cut short, its staging directory is cleaned on the next start.
+        at that step. The caller sets its heartbeat phase to ``checkpoint``: the supervisor
+        then keeps Paddle's launcher from SIGKILLing it (for up to ``supervisor.preempt_grace_s``);
+        if it is cut short all the same, its staging directory is cleaned on the next start.
         """
         if self.sharded:
             log.warning("no emergency snapshot with a sharded optimizer: the dead rank's shard "

@@ -13,12 +13,15 @@ import difflib
 import hashlib
 import json
 import os
+import signal
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import yaml
+
+from paddlerun.trainer.errors import NotRetriable
 
 
 #: train.* keys that take a built-in name or an import string, and their built-ins
@@ -32,7 +35,7 @@ BUILTIN_FACTORIES = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(ValueError, NotRetriable):
     """A config that cannot be used; the message names the key or path and the fix."""
 
 
@@ -299,6 +302,22 @@ def _unknown_key_message(source: str, dotted: str, known: dict) -> str:
     return f"{source}: unknown key {dotted!r}; {hint}"
 
 
+#: The flags paddlerun passes to ``paddle.distributed.launch`` (launcher/launch.py), and
+#: the config key that sets each (None: paddlerun's own choice).
+LAUNCH_FLAGS = {"--nproc_per_node": "launch.nproc_per_node", "--log_dir": None,
+                "--nnodes": "launch.nnodes", "--master": "launch.master", "--rank": "launch.node_rank"}
+_UNCATCHABLE_SIGNALS = ("SIGKILL", "SIGSTOP")
+
+
+def _flag_paddlerun_sets(arg: str) -> Optional[str]:
+    """The flag of :data:`LAUNCH_FLAGS` that ``arg`` gives (``--flag``, ``--flag=value``, or
+    a prefix, which the launcher's argparse takes as that flag), else None."""
+    name = arg.split("=", 1)[0]
+    if not name.startswith("--") or len(name) < 3:
+        return None
+    return next((flag for flag in LAUNCH_FLAGS if flag.startswith(name)), None)
+
+
 # YAML keys that are Python keywords: ``checkpoint.async`` is the field ``async_save``.
 _ALIASES = {(CheckpointConfig, "async"): "async_save"}
 
@@ -363,6 +382,14 @@ def _validate(config: Any, source: str, prefix: str) -> None:
         need(0 <= config.node_rank < config.nnodes, "node_rank", "must be in [0, nnodes)")
         need(config.nnodes == 1 or bool(config.master), "master",
              "must be set (host:port) when nnodes > 1")
+        for i, arg in enumerate(config.extra_args):
+            flag = _flag_paddlerun_sets(arg)
+            if flag is not None:
+                key = LAUNCH_FLAGS[flag]
+                fix = f"set {key} instead" if key else "paddlerun sets it for every attempt"
+                raise ConfigError(f"{source}: {prefix}extra_args[{i}] {arg!r} repeats {flag}, which "
+                                  f"paddlerun passes to paddle.distributed.launch itself; remove it "
+                                  f"({fix})")
     elif isinstance(config, SupervisorConfig):
         need(config.max_restarts >= 0, "max_restarts", "must be >= 0")
         for key in ("backoff_s", "backoff_max_s", "failure_window_s"):
@@ -378,6 +405,14 @@ def _validate(config: Any, source: str, prefix: str) -> None:
         need(config.max_failures_in_window >= 1, "max_failures_in_window", "must be >= 1")
         need(config.hang_timeout_s >= 2 * config.heartbeat_interval_s, "hang_timeout_s",
              "must be at least twice heartbeat_interval_s")
+        for i, name in enumerate(config.preempt_signals):
+            if name not in signal.Signals.__members__ or name in _UNCATCHABLE_SIGNALS:
+                usable = name not in _UNCATCHABLE_SIGNALS
+                raise ConfigError(
+                    f"{source}: {prefix}preempt_signals[{i}] {name!r} is "
+                    f"{'not a signal name' if usable else 'a signal no process can catch'}; "
+                    f"use names such as SIGTERM, SIGUSR1, SIGUSR2 (the default is "
+                    f"{SupervisorConfig().preempt_signals})")
     elif isinstance(config, TrainConfig):
         for key in ("epochs", "global_batch_size", "log_every_steps", "eval_every_epochs"):
             need(getattr(config, key) >= 1, key, "must be >= 1")

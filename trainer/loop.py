@@ -260,6 +260,8 @@ class Trainer:
                 return
             time.sleep(0.05)
         rng = self._rng_before_step or capture_rng()
+        if self.heartbeat is not None:  # the supervisor waits for a rank that is saving
+            self.heartbeat.set_phase("checkpoint")
         with ignoring_sigterm():
             try:
                 path = self.checkpointer.emergency_save(self, rng)

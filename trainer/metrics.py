@@ -3,9 +3,10 @@ attempts) and ``RUN_DIR/summary.json`` (written once at the end)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Mapping
+
+from paddlerun.trainer.atomic_file import write_atomic
 
 
 class MetricsLog:
@@ -36,10 +37,5 @@ def read_metrics(path: Path) -> list:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Durably: summary.json and the supervisor's owner file outlive a machine crash."""
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n", durable=True)

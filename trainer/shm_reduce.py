@@ -30,9 +30,10 @@ left a round half done: its object is broken from then on (every later call rais
 
 A peer that dies while the others wait is seen within ``POLL_S`` through a pidfd of each
 peer (opened once every rank has mapped the segment, so no reused pid can fool it) and
-raised as a ``RuntimeError`` saying "peer died", which the worker treats like gloo's
-"Connection reset by peer" (an emergency snapshot). A peer that stops answering raises
-after ``TIMEOUT_S``, gloo's 30 s; one that gave up raises "peer gave up" at once.
+raised as a :class:`~paddlerun.trainer.errors.PeerFailure` ("peer died"), which the worker
+treats like gloo's "Connection reset by peer" (an emergency snapshot). A peer that stops
+answering raises one after ``TIMEOUT_S``, gloo's 30 s; one that gave up raises one
+("peer gave up") at once.
 """
 from __future__ import annotations
 
@@ -47,6 +48,8 @@ import time
 from typing import Optional
 
 import numpy as np
+
+from paddlerun.trainer.errors import PeerFailure
 
 #: Bytes per rank and round: an array bigger than this is summed in several rounds.
 CHUNK = 1 << 20
@@ -179,7 +182,7 @@ class SharedMemorySum:
             except ProcessLookupError:
                 pidfd = None
             if pidfd is None:
-                raise RuntimeError(f"peer died: rank {r} (pid {pid}) exited before the first "
+                raise PeerFailure(f"peer died: rank {r} (pid {pid}) exited before the first "
                                    f"shared-memory gradient sum")
             self._peers[pidfd] = r
             self._exits.register(pidfd, select.POLLIN)
@@ -253,7 +256,7 @@ class SharedMemorySum:
         while True:
             seen = int(self._rounds[r])
             if seen == _GAVE_UP:
-                raise RuntimeError(f"peer gave up: rank {r} (pid {int(self._pids[r])}) left the "
+                raise PeerFailure(f"peer gave up: rank {r} (pid {int(self._pids[r])}) left the "
                                    f"shared-memory gradient sum on an error of its own")
             ahead = (seen - self._round) & _ROUND_MASK
             if ahead in (0, 1):
@@ -270,7 +273,7 @@ class SharedMemorySum:
                 checked = now
                 self._check_peers()
                 if now - started > TIMEOUT_S:
-                    raise RuntimeError(
+                    raise PeerFailure(
                         f"Timed out after {TIMEOUT_S:.0f} s waiting for rank {r} "
                         f"(pid {int(self._pids[r])}) in the shared-memory gradient sum")
 
@@ -278,7 +281,7 @@ class SharedMemorySum:
         # A pidfd turns readable when its process exits (a zombie included).
         for pidfd, _ in self._exits.poll(0):
             r = self._peers[pidfd]
-            raise RuntimeError(f"peer died: rank {r} (pid {int(self._pids[r])}) exited during "
+            raise PeerFailure(f"peer died: rank {r} (pid {int(self._pids[r])}) exited during "
                                f"the shared-memory gradient sum")
 
     def close(self) -> None:

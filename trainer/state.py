@@ -14,6 +14,7 @@ import numpy as np
 import paddle
 from paddle.framework import core
 
+from paddlerun.trainer.errors import NotRetriable
 from paddlerun.trainer.host_copy import numpy_dtype
 from paddlerun.trainer.paddle_features import features
 from paddlerun.trainer.rng_cache import NumpyRngReader, PythonRngReader
@@ -23,7 +24,7 @@ _JSON_KEYS = ("LR_Scheduler",)
 _SEP = "/"  # flattens nested optimizer entries such as master_weights/<param>
 
 
-class StateMismatch(ValueError):
+class StateMismatch(ValueError, NotRetriable):
     """A snapshot that does not fit the model being trained (names the first mismatch)."""
 
 

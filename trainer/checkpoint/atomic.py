@@ -21,11 +21,11 @@ import ctypes
 import errno
 import os
 import re
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Union
 
+from ..atomic_file import atomic_write, fsync_dir  # noqa: F401  (fsync_dir: store.py imports it here)
 from .digests import CHUNK, PIECE, Digests, ViewHasher, cut, hash_file, piece_count
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -98,15 +98,6 @@ class FileRecord:
     def mismatch_of_file(self, path: Path, source: str = "the manifest") -> Optional[str]:
         """:meth:`mismatch` for the file at ``path``, hashed the way this record was."""
         return self.mismatch(*hash_file(path, self.hashed_in), source=source)
-
-
-def fsync_dir(path: Union[str, os.PathLike]) -> None:
-    """fsync a directory, making the creations, renames and deletions in it durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_bytes(path: Path, data: Union[bytes, bytearray, memoryview]) -> FileRecord:
@@ -190,31 +181,10 @@ def _writev_all(fd: int, parts: List[memoryview]) -> int:
 _IOV_MAX = 512
 
 
-def publish_file(path: Path, data: bytes) -> None:
-    """Atomically replace a small file that need not survive a crash: readers see the old
-    content or the new, never part of it. No fsync (see :func:`replace_file` for that)."""
-    _swap_in(path, data, durable=False)
-
-
 def replace_file(path: Path, data: bytes) -> None:
-    """Atomically replace a small file: write a sibling temp file, fsync, rename, fsync the dir."""
-    _swap_in(path, data, durable=True)
-    fsync_dir(path.parent)
-
-
-def _swap_in(path: Path, data: bytes, durable: bool) -> None:
-    """Write ``data`` to a sibling temp file (fsynced if ``durable``) and rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    try:
-        if durable:
-            write_bytes(tmp, data)
-        else:
-            with _naming(tmp):
-                tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Atomically and durably replace a small file (:func:`..atomic_file.atomic_write`)."""
+    with _naming(path), atomic_write(path, durable=True) as f:
+        f.write(data)
 
 
 @contextlib.contextmanager

@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Optional, Union
 
+from paddlerun.trainer.errors import NotRetriable
+
 
 class CheckpointError(Exception):
     """A checkpoint directory, snapshot or file that cannot be used.
@@ -26,11 +28,12 @@ class LockTimeoutError(CheckpointError):
     """A checkpoint lock (``.lock`` or a reader mark) could not be taken in time."""
 
 
-class WriterBusyError(CheckpointError):
+class WriterBusyError(CheckpointError, NotRetriable):
     """Another live process owns the checkpoint directory (see ``CheckpointStore.claim_writer``).
 
-    Not a fault a restart fixes while that process lives: ``owner`` names it (host, pid,
-    run dir), and the message says to stop it or use another directory.
+    Not a fault a restart fixes while that process lives (so NotRetriable: the supervisor
+    gives up at once): ``owner`` names it (host, pid, run dir), and the message says to
+    stop it or use another directory.
     """
 
     def __init__(self, message: str, path: Path, owner: dict) -> None:

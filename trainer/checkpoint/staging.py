@@ -24,6 +24,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Union
 
 import numpy as np
 
+from ..atomic_file import write_atomic
 from . import atomic
 from .atomic import FileRecord
 from .errors import CheckpointError
@@ -132,7 +133,7 @@ class Staging:
     def _publish(self, record: FileRecord) -> FileRecord:
         if self.publish_marks:
             mark = {**record.to_json(), "host": socket.gethostname(), "pid": os.getpid()}
-            atomic.publish_file(self._mark(record.name), (json.dumps(mark) + "\n").encode())
+            write_atomic(self._mark(record.name), json.dumps(mark) + "\n", durable=False)
         self.records[record.name] = record
         return record
 
