@@ -63,7 +63,13 @@ def test_a_process_killed_while_writing_leaves_the_old_file_whole(tmp_path):
 def test_the_temporary_file_is_per_thread_and_hidden(tmp_path):
     import threading
     names = set()
-    threads = [threading.Thread(target=lambda: names.add(temp_path(tmp_path / "a").name)) for _ in range(2)]
+    both_alive = threading.Barrier(2, timeout=30)  # a thread id is reused once its thread ended
+
+    def name_it():
+        names.add(temp_path(tmp_path / "a").name)
+        both_alive.wait()
+
+    threads = [threading.Thread(target=name_it) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
