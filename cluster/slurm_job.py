@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional
 
 from paddlerun.cluster.slurm import SlurmError, SlurmPlace, master_address, place_from_environ
-from paddlerun.launcher.restart_policy import Failure
+from paddlerun.launcher.restart_policy import Failure, FailureKind
 from paddlerun.launcher.scheduler import NoScheduler, StopNotice
 from paddlerun.launcher.usage import UsageError
 from paddlerun.trainer.config import Config
@@ -98,7 +98,7 @@ class SlurmJob(NoScheduler):
             if count not in signalled and (not last or last[-1] not in _ENDED_IN_HAND):
                 failures.append(Failure(
                     attempt=start[-1].get("attempt", 0), time=start[-1].get("time", 0.0),
-                    kind="job_lost", cause=f"start {count} of Slurm job {self.place.job_id} ended "
+                    kind=FailureKind.JOB_LOST, cause=f"start {count} of Slurm job {self.place.job_id} ended "
                     f"without its supervisor's last word (node failure, SIGKILL or hard requeue)"))
         return failures
 

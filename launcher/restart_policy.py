@@ -27,12 +27,15 @@ class FailureKind(str, Enum):
     WORKER_EXIT  the launcher reported a worker that exited non-zero, no error file
     HANG         a worker's heartbeat or progress stopped for longer than the timeout
     LAUNCH_EXIT  the launch process exited (or could not start) and nothing else explains it
+    JOB_LOST     an earlier start of the scheduler's job ended without its supervisor's last
+                 word (node failure, SIGKILL, hard requeue): seen by the next start
     """
     ERROR = "error"
     WORKER_DIED = "worker_died"
     WORKER_EXIT = "worker_exit"
     HANG = "hang"
     LAUNCH_EXIT = "launch_exit"
+    JOB_LOST = "job_lost"
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,12 @@ def atomic_write(path: PathLike, *, durable: bool, mode: str = "wb") -> Iterator
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if e.filename is None:  # a write or fsync: say which file (a full disk names no path)
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
