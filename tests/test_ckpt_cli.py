@@ -90,10 +90,10 @@ def test_list_shows_every_snapshot(real_run, capsys):
     assert main(["ckpt", "list", str(real_run)]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert lines[0].split() == ["SNAPSHOT", "STEP", "EPOCH", "CREATED", "SIZE", "FILES", "REASON",
-                                "STATE", "PROBLEM"]
-    assert lines[1].split()[:3] == ["step-00000010", "10", "0"] and "scheduled" in lines[1]
-    assert lines[2].split()[:3] == ["step-00000020", "20", "0"] and "final" in lines[2]
+    assert lines[0].split() == ["SNAPSHOT", "STEP", "EPOCH", "WORKERS", "CREATED", "SIZE", "FILES",
+                                "REASON", "STATE", "PROBLEM"]
+    assert lines[1].split()[:4] == ["step-00000010", "10", "0", "2"] and "scheduled" in lines[1]
+    assert lines[2].split()[:4] == ["step-00000020", "20", "0", "2"] and "final" in lines[2]
     assert "complete" in lines[1] and "complete" in lines[2]
     assert "newest complete: step-00000020" in out
 
