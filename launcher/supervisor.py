@@ -386,9 +386,11 @@ class Supervisor:
             self.exits.sleep(POLL_S)  # a second signal or the launcher's exit wakes it at once
         self.console.forward()
         code = self.tree.poll()
-        # Paddle's launcher exits 15 when it got the scheduler's SIGTERM too, after its
-        # workers saved and said they were done.
-        clean = code == 0 or (code is not None and self._local_workers_done())
+        # Clean when every local worker said it saved and is done, whatever the launcher is
+        # doing: Paddle's launcher exits 15 when it got the scheduler's SIGTERM too, and it
+        # may still be noticing its workers' exit (it looks every 2 s) when a second signal
+        # comes -- under srun --kill-on-bad-exit, when another node, already done, exited 75.
+        clean = code == 0 or self._local_workers_done()
         self._teardown("preempted")
         self._emit("preempted", clean=clean, **self._stop_fields(),
                    how="workers saved and exited" if clean else

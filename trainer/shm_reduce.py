@@ -223,7 +223,15 @@ class SharedMemorySum:
         _futex(self._round_address[self.rank], _FUTEX_WAKE, 0x7FFFFFFF, None)
         for r in range(self.world):
             if r != self.rank:
-                self._wait_for(r)
+                try:
+                    self._wait_for(r)
+                except PeerFailure:
+                    # A peer that wrote this round's header and then gave up may have given
+                    # up on this very mismatch: name the root cause, not its consequence.
+                    theirs = _SLOT_FIELDS.unpack_from(self._map, headers[r])
+                    if theirs[0] == round_ and theirs != mine:
+                        self._mismatch(r, theirs, mine)
+                    raise
                 theirs = _SLOT_FIELDS.unpack_from(self._map, headers[r])
                 if theirs != mine:
                     self._mismatch(r, theirs, mine)
