@@ -5,9 +5,12 @@ within a heartbeat interval and exit (trainer/heartbeat.py), but a rerun started
 worker that is SIGSTOPped or stuck, would still meet them: two trees training the same job,
 the second refused the checkpoint directory (``WriterBusyError``). So before its first attempt
 a supervisor looks for live processes whose environment names its run directory (every
-process of a launch tree inherits ``PADDLERUN_RUN_DIR``) and stops them.
+process of a launch tree inherits ``PADDLERUN_RUN_DIR``) and whose supervisor
+(``PADDLERUN_SUPERVISOR``: pid and start ticks) is gone, and stops them. The second
+condition matters: the nodes of a multi-node job (Slurm, Kubernetes) may share one run
+directory, and another node's live tree is no leftover.
 
-Supervisor only, holding the run directory's lock: no other supervisor of it is alive.
+Supervisor only.
 """
 from __future__ import annotations
 
@@ -27,8 +30,9 @@ _POLL_S = 0.05
 
 
 def find_leftovers(run_dir: Path) -> List[ProcessIdentity]:
-    """Live processes of this host whose environment has ``PADDLERUN_RUN_DIR=run_dir``
-    (never this process). Processes of other users are not readable, hence never found."""
+    """Live processes of this host whose environment has ``PADDLERUN_RUN_DIR=run_dir`` and
+    names a supervisor that is no longer alive (never this process). Processes of other
+    users are not readable, hence never found."""
     me, wanted = os.getpid(), str(run_dir)
     found = []
     for identity in sorted(process_table(), key=lambda i: i.pid):
@@ -38,9 +42,20 @@ def find_leftovers(run_dir: Path) -> List[ProcessIdentity]:
             environ = psutil.Process(identity.pid).environ()
         except (psutil.Error, OSError):
             continue
-        if environ.get(worker_env.RUN_DIR) == wanted and identity.alive():
+        if environ.get(worker_env.RUN_DIR) != wanted or not _orphaned(environ):
+            continue
+        if identity.alive():
             found.append(identity)
     return found
+
+
+def _orphaned(environ) -> bool:
+    """The supervisor named in ``environ`` is gone (a process naming none is not ours to stop)."""
+    try:
+        supervisor = ProcessIdentity.parse(environ[worker_env.SUPERVISOR])
+    except (KeyError, ValueError):
+        return False
+    return not supervisor.alive()
 
 
 def stop_leftovers(identities: List[ProcessIdentity], term_timeout_s: float,
