@@ -492,6 +492,7 @@ LISTER = """if True:
     from paddlerun.trainer.checkpoint import CheckpointStore
     store, stop, out = CheckpointStore(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     loops, seen, bad = 0, set(), []
+    Path(sys.argv[4]).touch()  # imported and listing from now on
     deadline = time.monotonic() + 10
     while not stop.exists() and time.monotonic() < deadline:
         for info in store.snapshots(verify=loops % 2 == 1):
@@ -505,8 +506,11 @@ LISTER = """if True:
 
 def test_listing_in_another_process_never_sees_a_half_deleted_snapshot(store, spawn):
     stop, out = store.directory.parent / "stop", store.directory.parent / "lister.json"
+    ready = store.directory.parent / "listing"
     save(store, 1)
-    lister = spawn(LISTER, store.directory, stop, out)
+    lister = spawn(LISTER, store.directory, stop, out, ready)
+    # Only once it lists: its imports took over 4 s on a loaded machine, longer than the loop.
+    wait_for_file(ready, lister, timeout_s=60)
     step, deadline = 1, time.monotonic() + 1.0
     while time.monotonic() < deadline:
         step += 1
