@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -52,6 +53,33 @@ def start(run_dir: Path, *sets: str, env=None) -> subprocess.Popen:
     return subprocess.Popen(command(run_dir, *sets), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env={**os.environ, **(env or {})})
+
+
+def reference_digest(tmp_path_factory, *sets: str, env=None) -> str:
+    """The final digest of an uninterrupted run with ``sets``: what a faulted run must end with."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    result = run(run_dir, *sets, env=env)
+    assert result.returncode == 0, result.stdout[-5000:]
+    return summary(run_dir)["digest"]
+
+
+def free_port() -> int:
+    """A port the kernel says is free now (for a rendezvous master on 127.0.0.1)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_all(nodes: List[subprocess.Popen], timeout: float = 300) -> List[str]:
+    """Every node's output; whatever happens, no node is left running (a node whose peer
+    failed would wait for it in the rendezvous forever)."""
+    try:
+        return [wait(p, timeout) for p in nodes]
+    finally:
+        for p in nodes:
+            if p.poll() is None:
+                kill_session(p)
+                p.communicate(timeout=30)
 
 
 def kill_session(proc: subprocess.Popen) -> None:

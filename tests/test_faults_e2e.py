@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from helpers import (REPO, assert_no_leftovers, events, heartbeat, run, start, summary, wait,
+from helpers import (reference_digest, REPO, assert_no_leftovers, events, heartbeat, run, start, summary, wait,
                      wait_for)
 
 pytestmark = pytest.mark.slow
@@ -23,10 +23,7 @@ KEEP_ALL = "checkpoint.keep_every_steps=1"
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("reference")
-    result = run(run_dir, TOTAL)
-    assert result.returncode == 0, result.stdout[-5000:]
-    return summary(run_dir)["digest"]
+    return reference_digest(tmp_path_factory, TOTAL)
 
 
 def finish(proc, run_dir, timeout=300):

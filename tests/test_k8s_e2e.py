@@ -20,7 +20,7 @@ import yaml
 from helpers import (CONFIG, FAST, assert_no_leftovers, events, heartbeat, kill_session, run, summary,
                      wait_for, worker_digests)
 from k8s_pod import LocalPods, objects
-from test_multinode_e2e import free_port
+from helpers import free_port
 
 from paddlerun.cluster import k8s_env
 from paddlerun.launcher.cli import main as paddlerun

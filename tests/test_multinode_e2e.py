@@ -1,20 +1,13 @@
 """Two "nodes" on one machine: two supervisors, each with its own launcher (--nnodes 2)."""
 import os
 import signal
-import socket
 
 import pytest
 
-from helpers import (assert_no_leftovers, events, heartbeat, kill_session, killed_on_error, run, start,
-                     summary, wait, wait_for, worker_digests)
+from helpers import (assert_no_leftovers, events, free_port, heartbeat, killed_on_error, run, start,
+                     summary, wait_all, wait_for, worker_digests)
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as probe:  # a free port for the launchers' rendezvous
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def start_nodes(tmp_path, *sets):
@@ -39,16 +32,6 @@ def final_digest(run_dir):
         if digest is not None:
             return digest
     return None
-
-
-def wait_all(nodes, timeout=300):
-    try:
-        return [wait(p, timeout) for p in nodes]
-    finally:
-        for p in nodes:  # a node whose peer failed would wait for it forever
-            if p.poll() is None:
-                kill_session(p)
-                p.communicate(timeout=30)
 
 
 def test_two_nodes_of_one_worker_train_like_one_node_of_two(tmp_path):

@@ -8,24 +8,17 @@ is for the report, not for an assertion on a shared machine.
 """
 import os
 import signal
-import socket
 import time
 
 import pytest
 
-from helpers import assert_no_leftovers, events, heartbeat, killed_on_error, start, wait, wait_for
+from helpers import assert_no_leftovers, events, free_port, heartbeat, killed_on_error, start, wait, wait_for
 from paddlerun.launcher.exit_codes import REQUEUE
 
 pytestmark = pytest.mark.slow
 
 GRACE = "supervisor.preempt_grace_s=300"
 BOUND_S = 10.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def event_seen(run_dir, name: str, **fields):

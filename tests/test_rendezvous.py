@@ -5,6 +5,7 @@ import time
 
 import pytest
 
+from helpers import free_port
 from paddlerun.trainer.rendezvous import master_endpoint, wait_for_master
 
 
@@ -17,12 +18,6 @@ from paddlerun.trainer.rendezvous import master_endpoint, wait_for_master
 ])
 def test_the_endpoint_is_the_one_paddle_connects_to(environ, expected):
     assert master_endpoint(environ) == expected
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_waits_until_the_port_listens():

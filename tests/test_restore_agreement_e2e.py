@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from helpers import assert_no_leftovers, events, killed_on_error, run, summary
+from helpers import reference_digest, assert_no_leftovers, events, killed_on_error, run, summary
 from test_script_mode import (EXAMPLE, SCRIPT_ARGS, SUPERVISOR, clean_env, digest_of, finish,
                               wait_for_snapshot, workers)
 
@@ -19,10 +19,7 @@ FIRST, TOTAL = "train.max_steps=40", "train.max_steps=80"
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("reference")
-    result = run(run_dir, TOTAL)
-    assert result.returncode == 0, result.stdout[-5000:]
-    return summary(run_dir)["digest"]
+    return reference_digest(tmp_path_factory, TOTAL)
 
 
 def test_a_rank_that_cannot_read_rank_0_s_choice_fails_the_attempt_loudly(tmp_path, reference):

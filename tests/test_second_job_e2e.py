@@ -4,7 +4,7 @@ import socket
 
 import pytest
 
-from helpers import (assert_no_leftovers, events, heartbeat, killed_on_error, run, start, summary,
+from helpers import (reference_digest, assert_no_leftovers, events, heartbeat, killed_on_error, run, start, summary,
                      wait, wait_for)
 
 pytestmark = pytest.mark.slow
@@ -14,10 +14,7 @@ TOTAL = "train.max_steps=60"
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("reference")
-    result = run(run_dir, TOTAL)
-    assert result.returncode == 0, result.stdout[-5000:]
-    return summary(run_dir)["digest"]
+    return reference_digest(tmp_path_factory, TOTAL)
 
 
 def test_a_second_job_is_refused_while_the_first_is_mid_persist_and_the_first_loses_nothing(

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from helpers import (REPO, assert_no_leftovers, events, heartbeat, killed_on_error, run, start,
+from helpers import (reference_digest, REPO, assert_no_leftovers, events, heartbeat, killed_on_error, start,
                      summary, wait, wait_for)
 
 pytestmark = pytest.mark.slow
@@ -18,10 +18,7 @@ COLLECTIVE_TIMEOUT_S = 30
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("reference")
-    result = run(run_dir, TOTAL)
-    assert result.returncode == 0, result.stdout[-5000:]
-    return summary(run_dir)["digest"]
+    return reference_digest(tmp_path_factory, TOTAL)
 
 
 def test_snapshots_due_during_a_slow_persist_are_skipped_and_counted_no_peer_times_out(

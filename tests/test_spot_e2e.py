@@ -1,15 +1,14 @@
 """The cloud's preemption notice with the real launcher and 2 CPU workers: a fake metadata
 service on 127.0.0.1 gives the notice mid-training; the run snapshots, exits 75, and the
 rerun (the "replacement instance") ends with the uninterrupted run's digest."""
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from helpers import (REPO, assert_no_leftovers, events, heartbeat, kill_session, killed_on_error,
-                     run, start, summary, wait, wait_for)
+from helpers import (reference_digest, REPO, assert_no_leftovers, events, free_port, heartbeat, killed_on_error,
+                     run, start, summary, wait, wait_all, wait_for)
 from metadata_servers import MetadataServer
 from paddlerun.trainer.checkpoint import CheckpointStore
 
@@ -33,10 +32,7 @@ def event(run_dir, name):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("reference")
-    result = run(run_dir, TOTAL)
-    assert result.returncode == 0, result.stdout[-5000:]
-    return summary(run_dir)["digest"]
+    return reference_digest(tmp_path_factory, TOTAL)
 
 
 @pytest.mark.parametrize("provider", ["aws", "gcp", "azure"])
@@ -86,12 +82,6 @@ def test_a_notice_with_time_to_spare_trains_on_until_the_deadline_less_the_lead(
     assert_no_leftovers(tmp_path)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_one_nodes_notice_stops_a_two_node_job_cleanly_on_both(tmp_path, reference):
     """Each node watches its own instance. Node 1's notice: its workers ask, all ranks agree,
     both nodes snapshot-and-stop and exit 75; the rerun of both ends exact."""
@@ -104,15 +94,10 @@ def test_one_nodes_notice_stops_a_two_node_job_cleanly_on_both(tmp_path, referen
 
     with MetadataServer("aws") as quiet, MetadataServer("aws") as noisy:
         nodes = [node(0, *notice_settings(quiet)), node(1, *notice_settings(noisy, margin_s=30))]
-        try:
+        with killed_on_error(nodes[0]), killed_on_error(nodes[1]):
             wait_for(lambda: step_of(tmp_path / "node1", 1) >= 25, 120, "rank 1 to pass step 25")
             noisy.give_notice(10)
-            outs = [wait(p, 120) for p in nodes]
-        finally:
-            for p in nodes:
-                if p.poll() is None:
-                    kill_session(p)
-                    p.communicate(timeout=30)
+        outs = wait_all(nodes, 120)
         assert [p.returncode for p in nodes] == [75, 75], outs[0][-3000:] + outs[1][-3000:]
         assert event(tmp_path / "node1", "preempt_notice")["provider"] == "aws"
         assert not [e for e in events(tmp_path / "node0") if e["event"] == "preempt_notice"]
@@ -120,13 +105,7 @@ def test_one_nodes_notice_stops_a_two_node_job_cleanly_on_both(tmp_path, referen
         noisy.withdraw()
         port = free_port()
         nodes = [node(0, *notice_settings(quiet)), node(1, *notice_settings(noisy))]
-        try:
-            outs = [wait(p, 180) for p in nodes]
-        finally:
-            for p in nodes:
-                if p.poll() is None:
-                    kill_session(p)
-                    p.communicate(timeout=30)
+        outs = wait_all(nodes, 180)
     assert [p.returncode for p in nodes] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     assert summary(tmp_path / "node0")["digest"] == reference
     for rank in (0, 1):
