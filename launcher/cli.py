@@ -193,7 +193,7 @@ def cmd_run(args, script_args: List[str]) -> int:
     config, scheduler = inside_slurm(config, run_dir)
     check_paddle_installed(config)
     spec = LaunchSpec(config=config, run_dir=run_dir, script=script, script_args=tuple(script_args))
-    preflight.check(config, workers=spec.nproc_per_node * config.launch.nnodes,
+    preflight.check(config, nproc_per_node=spec.nproc_per_node,
                     script_mode=script is not None)
     return Supervisor(spec, scheduler=scheduler).run()
 

@@ -35,6 +35,9 @@ class LaunchSpec:
     #: A user's own script (script mode) instead of paddlerun's worker.
     script: Optional[Path] = None
     script_args: Sequence[str] = ()
+    #: This node's address for the other nodes (``--host``); elastic jobs, where the
+    #: address etcd is reached from is the one the other nodes can reach.
+    host: Optional[str] = None
 
     @property
     def nproc_per_node(self) -> int:
@@ -46,7 +49,9 @@ class LaunchSpec:
         summary): the run directory on node 0, ``RUN_DIR/nodes/node-K`` on node K, so that
         the nodes of a job can share one run directory (docs/slurm.md)."""
         rank = self.config.launch.node_rank
-        return self.run_dir if rank == 0 else self.run_dir / "nodes" / f"node-{rank}"
+        if rank == 0 or self.config.launch.rendezvous is not None:  # elastic: a run dir per node
+            return self.run_dir
+        return self.run_dir / "nodes" / f"node-{rank}"
 
     @property
     def local_ranks(self) -> range:
@@ -65,6 +70,8 @@ class LaunchSpec:
         if launch.nnodes > 1:
             argv += ["--nnodes", str(launch.nnodes), "--master", launch.master,
                      "--rank", str(launch.node_rank)]
+            if self.host is not None:
+                argv += ["--host", self.host]
         argv += list(launch.extra_args)
         if self.script is not None:
             argv += [str(self.script), *self.script_args]
@@ -74,8 +81,10 @@ class LaunchSpec:
         return argv
 
     def env(self, attempt: int, restarts: int, base: Mapping[str, str] = os.environ,
-            tty: bool = False, supervisor: Optional[ProcessIdentity] = None) -> Dict[str, str]:
-        """``supervisor``: the process the workers watch; they stop when it is gone."""
+            tty: bool = False, supervisor: Optional[ProcessIdentity] = None,
+            generation: Optional[int] = None) -> Dict[str, str]:
+        """``supervisor``: the process the workers watch; they stop when it is gone.
+        ``generation``: elastic jobs: the workers' commits are fenced by it."""
         env = scrub(base)
         checkpoint_dir = self.config.checkpoint.dir or str(self.run_dir / "checkpoints")
         env.update({
@@ -90,6 +99,8 @@ class LaunchSpec:
         })
         if supervisor is not None:
             env[worker_env.SUPERVISOR] = str(supervisor)
+        if generation is not None:
+            env[worker_env.GENERATION] = str(generation)
         if self.uses_gpus:
             env.update(gpu_env.gpu_worker_env(self.config, base))
         return env

@@ -12,27 +12,50 @@ from paddlerun.trainer import paddle_build
 from paddlerun.trainer.config import BUILTIN_FACTORIES, Config, ConfigError
 
 
-def check(config: Config, workers: int, script_mode: bool = False) -> None:
-    """``workers``: the job's resolved worker count (nproc_per_node x nnodes)."""
+def check(config: Config, nproc_per_node: int, script_mode: bool = False) -> None:
+    """``nproc_per_node``: the resolved workers per node."""
     check_paddle_version(config)
     check_factories(config)
     check_dataset_paths(config)
+    check_elastic(config)
     if not script_mode:  # a script splits its batches itself
-        check_batch_split(config, workers)
+        low, high = config.launch.node_range
+        for nodes in range(low, high + 1):  # every world size the job may run at
+            check_batch_split(config, nproc_per_node, nodes)
 
 
-def check_batch_split(config: Config, workers: int) -> None:
+def check_batch_split(config: Config, nproc_per_node: int, nodes: int) -> None:
     """Every worker takes the same share of a global batch (trainer/sampler.py)."""
     batch = config.train.global_batch_size
+    workers = nproc_per_node * nodes
     if batch % workers:
         lower, higher = batch - batch % workers, batch - batch % workers + workers
         launch = config.launch
+        on = f"on {nodes} of launch.nnodes={launch.nnodes}" if isinstance(launch.nnodes, str) \
+            else f"x launch.nnodes={launch.nnodes}"
         raise ConfigError(
             f"train.global_batch_size={batch} is not divisible by the {workers} workers "
-            f"(launch.nproc_per_node={launch.nproc_per_node} -> {workers // launch.nnodes} per node "
-            f"x launch.nnodes={launch.nnodes}); set train.global_batch_size to a multiple of "
+            f"(launch.nproc_per_node={launch.nproc_per_node} -> {nproc_per_node} per node "
+            f"{on}); set train.global_batch_size to a multiple of "
             f"{workers} ({', '.join(str(b) for b in (lower, higher) if b > 0)}) or change the "
             f"worker count")
+
+
+def check_elastic(config: Config) -> None:
+    """With launch.rendezvous, several nodes share snapshots: they need one directory."""
+    launch = config.launch
+    if launch.rendezvous is None:
+        return
+    if launch.node_range[1] > 1 and config.checkpoint.dir is None:
+        raise ConfigError(
+            f"launch.rendezvous with launch.nnodes={launch.nnodes} needs checkpoint.dir: one "
+            f"directory every node reads and writes (shared storage), since a node may resume "
+            f"from another node's snapshot; each node keeps its own run directory")
+    try:
+        import etcd3gw  # noqa: F401  (the etcd client; an optional dependency)
+    except ImportError:
+        raise UsageError("launch.rendezvous needs the etcd client: pip install 'paddlerun[elastic]' "
+                         "(etcd3gw)") from None
 
 
 def check_paddle_version(config: Config) -> None:

@@ -29,6 +29,7 @@ class FailureKind(str, Enum):
     LAUNCH_EXIT  the launch process exited (or could not start) and nothing else explains it
     JOB_LOST     an earlier start of the scheduler's job ended without its supervisor's last
                  word (node failure, SIGKILL, hard requeue): seen by the next start
+    TOO_FEW_NODES  elastic: fewer than MIN nodes (or no etcd) to form a generation in time
     """
     ERROR = "error"
     WORKER_DIED = "worker_died"
@@ -36,6 +37,7 @@ class FailureKind(str, Enum):
     HANG = "hang"
     LAUNCH_EXIT = "launch_exit"
     JOB_LOST = "job_lost"
+    TOO_FEW_NODES = "too_few_nodes"
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ is in :mod:`process_tree`, restart policy in :mod:`restart_policy`, root causes 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from filelock import FileLock, Timeout
 
 from paddlerun.launcher import exit_codes, root_cause
 from paddlerun.launcher.console_log import LaunchLogForwarder, unshown_lines
+from paddlerun.launcher.elastic import ElasticNode, TooFewNodes
 from paddlerun.launcher.exit_watch import ExitWatch
 from paddlerun.launcher.launch import LaunchSpec
 from paddlerun.launcher.leftovers import find_leftovers, stop_leftovers
@@ -62,8 +64,10 @@ class State(str, Enum):
 
 TRANSITIONS = {
     # STARTING -> GAVE_UP: earlier starts of the same scheduler job spent the budget.
-    State.STARTING: {State.RUNNING, State.FAILED, State.GAVE_UP},
-    State.RUNNING: {State.SUCCEEDED, State.FAILED, State.PREEMPTED},
+    # STARTING -> PREEMPTED: stopped while waiting for a generation (elastic).
+    State.STARTING: {State.RUNNING, State.FAILED, State.GAVE_UP, State.PREEMPTED},
+    # RUNNING -> RESTARTING: the nodes change (elastic): no failure, a new generation.
+    State.RUNNING: {State.SUCCEEDED, State.FAILED, State.PREEMPTED, State.RESTARTING},
     State.FAILED: {State.RESTARTING, State.GAVE_UP, State.PREEMPTED},
     State.RESTARTING: {State.STARTING, State.PREEMPTED},
 }
@@ -129,6 +133,9 @@ class Supervisor:
         self.host = socket.gethostname()
         self.spot: Optional[SpotWatch] = None
         self._spot_stop_at: Optional[float] = None
+        #: With launch.rendezvous: this node's membership and its generation (launcher/elastic.py).
+        self.elastic: Optional[ElasticNode] = None
+        self._scale_up_asked = False
 
     # ------------------------------------------------------------ main loop
 
@@ -142,6 +149,8 @@ class Supervisor:
         become_subreaper()
         previous = self._install_signal_handlers()
         self.exits.wake_on_signals()
+        if self.config.launch.rendezvous is not None:
+            self.elastic = ElasticNode(self.config, self.spec.nproc_per_node, self._checkpoints().fence)
         provider = resolve_provider(self.config.supervisor)
         if provider is not None:
             self.spot = SpotWatch(provider, self.config.supervisor).start()
@@ -159,6 +168,8 @@ class Supervisor:
             while self.state not in TERMINAL:
                 self._transition(handlers[self.state]())
         finally:
+            if self.elastic is not None:
+                self.elastic.finish(succeeded=self.state is State.SUCCEEDED)
             if self.spot is not None:
                 self.spot.close()
             self.exits.close()
@@ -229,6 +240,10 @@ class Supervisor:
                    sigkilled=[i.pid for i in killed])
 
     def _start(self) -> State:
+        if self.elastic is not None:
+            formed = self._next_generation()
+            if formed is not State.STARTING:
+                return formed
         self._clear_local_heartbeats()
         control.clear(self.run_dir)
         log_dir = self.spec.log_dir(self.attempt)
@@ -238,7 +253,8 @@ class Supervisor:
         argv = self.spec.argv(self.attempt)
         env = self.spec.env(self.attempt, restarts=len(self.failures),
                             tty=self.stream.isatty() if hasattr(self.stream, "isatty") else False,
-                            supervisor=ProcessIdentity.me())
+                            supervisor=ProcessIdentity.me(),
+                            generation=self.elastic.generation.number if self.elastic else None)
         self.tree = ProcessTree(argv, env=env, stdout=launch_log, stderr=launch_log)
         self._dead.clear()
         try:
@@ -268,6 +284,11 @@ class Supervisor:
             self.console.forward()
             if self._stop_asked():
                 return self._preempt()
+            if self.elastic is not None:
+                lost = self.elastic.lost()
+                if lost:
+                    return self._node_lost(lost)
+                self._maybe_scale_up()
             now = time.time()
             beats = self._local(read_heartbeats(hb_dir, attempt=self.attempt))
             local = {r: hb for r, hb in beats.items() if hb.host == self.host}
@@ -283,6 +304,10 @@ class Supervisor:
                 if returncode == 0:
                     stopped = stopped_ranks(self._local(read_heartbeats(hb_dir, attempt=self.attempt)))
                     self._teardown("finished")
+                    if stopped and self.elastic is not None:  # the nodes change: regroup
+                        self._emit("regrouping", ranks=stopped, scale_up=self._scale_up_asked)
+                        self._backoff_until = 0.0
+                        return State.RESTARTING
                     if stopped:  # an agreed stop another node (or a scheduler's signal) asked for
                         self.stop = StopNotice("peer_stop", None, "a stop asked on another node "
                                                "or by a signal to the workers")
@@ -401,6 +426,85 @@ class Supervisor:
             self.spot.acknowledge()
         return State.PREEMPTED
 
+    # ------------------------------------------------------------ elastic
+
+    def _next_generation(self) -> State:
+        """Wait for the nodes to agree on the next generation, and run with it: RUNNING's
+        spec is this generation's (nnodes, node rank, master); the fence of the checkpoints
+        directory goes up to it, so no worker of an older one can commit any more."""
+        sup = self.config.supervisor
+        deadline = time.monotonic() + max(sup.start_timeout_s, sup.elastic_wait_s + sup.node_ttl_s)
+        try:
+            if self.elastic.generation is None and not self.elastic.membership.view():
+                if not self.elastic.join(deadline, self._stop_asked):
+                    return self._stopped_waiting()
+            before = self.elastic.generation
+            gen = self.elastic.form(deadline, self._stop_asked)
+        except TooFewNodes as e:
+            self._pending = Failure(self.attempt, time.time(), FailureKind.TOO_FEW_NODES, str(e),
+                                    retriable=False, progressed=False)
+            return State.FAILED
+        if gen is None:
+            return self._stopped_waiting()
+        self._checkpoints().raise_fence(gen.number)
+        self._use_generation(gen)
+        world = sum(self.spec.nproc_per_node for _ in gen.members)
+        self._emit("generation", number=gen.number, members=list(gen.members), world_size=world,
+                   node_id=self.elastic.node_id, master=gen.master)
+        if before is not None and len(gen.members) != len(before.members):
+            grown = len(gen.members) > len(before.members)
+            self._emit("scaled_up" if grown else "scaled_down", generation=gen.number,
+                       nodes_before=len(before.members), nodes=len(gen.members), world_size=world)
+        log.info("generation %d: %d node(s), this one is node %d (%s), master %s", gen.number,
+                 len(gen.members), gen.node_rank(self.elastic.node_id), self.elastic.node_id, gen.master)
+        self._scale_up_asked = False
+        return State.STARTING
+
+    def _use_generation(self, gen) -> None:
+        launch = dataclasses.replace(self.spec.config.launch, nnodes=len(gen.members),
+                                     node_rank=gen.node_rank(self.elastic.node_id),
+                                     master=gen.master if len(gen.members) > 1 else None)
+        self.config = dataclasses.replace(self.spec.config, launch=launch)
+        self.spec = dataclasses.replace(self.spec, config=self.config, host=self.elastic.addr)
+        self.multi_node = len(gen.members) > 1
+
+    def _stopped_waiting(self) -> State:
+        self._emit("preempted", clean=True, how="stopped while waiting for a generation",
+                   **self._stop_fields())
+        return State.PREEMPTED
+
+    def _node_lost(self, lost) -> State:
+        """A node of this generation is gone: stop this node's workers (a survivor already
+        writing its emergency snapshot may finish it) and regroup without it."""
+        for node in lost:
+            self._emit("node_lost", lost_node=node.node_id, how=node.how, latency_s=node.latency_s,
+                       generation=self.elastic.generation.number)
+            log.warning("node %s is lost (%s, %.1f s after its last sign of life): regrouping",
+                        node.node_id, node.how, node.latency_s)
+        if any(hb.phase == "checkpoint" for hb in self._local_beats().values() if not hb.ended):
+            self._let_survivors_finish()
+        self._teardown("node_lost")
+        self._backoff_until = 0.0
+        return State.RESTARTING
+
+    def _maybe_scale_up(self) -> None:
+        """A node joined: ask the workers for a snapshot at their next agreement step; their
+        agreed stop ends the attempt, and the next generation takes the new node in."""
+        if self._scale_up_asked:
+            return
+        joiners = self.elastic.joiners()
+        if not joiners:
+            return
+        self._scale_up_asked = True
+        self._emit("scale_up_requested", joiners=joiners, generation=self.elastic.generation.number)
+        log.info("node(s) %s joined: snapshot at the next agreement step, then a restart with "
+                 "them", ", ".join(joiners))
+        control.request_stop(self.run_dir, reason=f"scale up: {', '.join(joiners)} joined")
+
+    def _checkpoints(self) -> CheckpointStore:
+        return CheckpointStore(self.config.checkpoint.dir or self.run_dir / "checkpoints",
+                               self.config.checkpoint.lock_timeout_s)
+
     def _stop_fields(self) -> dict:
         """What every preemption event says of the stop: its cause, its signal (if one), and
         in words why (``SIGTERM``, ``aws preemption notice``)."""
@@ -477,6 +581,11 @@ class Supervisor:
             if now - started >= (sup.preempt_grace_s if held else LAUNCH_EXIT_GRACE_S):
                 break
             self.exits.sleep(POLL_S)  # the survivor's exit wakes it at once
+
+    def _local_beats(self) -> dict:
+        return {r: hb for r, hb in self._local(read_heartbeats(self.run_dir / "heartbeats",
+                                                               attempt=self.attempt)).items()
+                if hb.host == self.host}
 
     def _local_workers_done(self) -> bool:
         beats = {r: hb for r, hb in self._local(read_heartbeats(self.run_dir / "heartbeats",

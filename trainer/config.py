@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 import signal
 import typing
 from dataclasses import dataclass, field, fields
@@ -33,6 +34,26 @@ BUILTIN_FACTORIES = {
     "lr_schedule": ("constant", "cosine", "step"),
     "loss": ("cross_entropy",),
 }
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML 1.1 without its base-60 numbers: ``nnodes: 1:2`` is the text ``1:2`` (MIN:MAX),
+    not the number 62, and ``1:30`` is not 90."""
+
+
+_INT = re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$")
+_FLOAT = re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
+                    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
+_NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _NUMBER_TAGS]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_ConfigLoader.add_implicit_resolver(_NUMBER_TAGS[0], _INT, list("-+0123456789"))
+_ConfigLoader.add_implicit_resolver(_NUMBER_TAGS[1], _FLOAT, list("-+0123456789."))
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_ConfigLoader)
 
 
 class ConfigError(ValueError, NotRetriable):
@@ -58,16 +79,32 @@ class LaunchConfig:
     #: ``auto``, ``cpu`` or ``gpu``; ``auto`` uses a GPU when Paddle is a CUDA build and one
     #: is visible.
     device: str = "auto"
-    #: Number of nodes; every node runs ``paddlerun`` with the same config.
-    nnodes: int = 1
-    #: This node's rank among ``nnodes`` (multi-node only).
+    #: Number of nodes; every node runs ``paddlerun`` with the same config. With
+    #: ``rendezvous``, ``"MIN:MAX"`` (quoted or not): the job runs on MIN to MAX nodes.
+    nnodes: Union[int, str] = 1
+    #: This node's rank among ``nnodes`` (multi-node without ``rendezvous`` only).
     node_rank: int = 0
-    #: ``host:port`` of the rendezvous master; required when ``nnodes > 1``.
+    #: ``host:port`` of the rendezvous master; required when ``nnodes > 1`` without
+    #: ``rendezvous`` (with it, the generation's first node is the master).
     master: Optional[str] = None
+    #: ``etcd://HOST:PORT[,HOST:PORT...]``: the nodes find each other, notice a lost node
+    #: and agree on each new membership in this etcd (docs/elastic.md). Absent: a fixed
+    #: set of nodes started with ``node_rank`` and ``master``.
+    rendezvous: Optional[str] = None
+    #: The job's name in etcd (keys ``/paddlerun/<job_id>/``); default ``job.name``.
+    job_id: Optional[str] = None
     #: The Python interpreter that runs the launch; default: the supervisor's own.
     python: Optional[str] = None
     #: Extra flags passed to ``paddle.distributed.launch`` before the script.
     extra_args: typing.List[str] = field(default_factory=list)
+
+    @property
+    def node_range(self) -> typing.Tuple[int, int]:
+        """(MIN, MAX) nodes: ``nnodes: 4`` is (4, 4), ``nnodes: "1:2"`` is (1, 2)."""
+        if isinstance(self.nnodes, int):
+            return self.nnodes, self.nnodes
+        low, _, high = self.nnodes.partition(":")
+        return int(low), int(high)
 
 
 @dataclass(frozen=True)
@@ -109,6 +146,15 @@ class SupervisorConfig:
     #: Ask for the snapshot this long before the notice's deadline, on top of twice the
     #: last snapshot's measured time and one agreement period.
     spot_margin_s: float = 10.0
+    #: With ``launch.rendezvous``: a node that stopped refreshing its membership in etcd
+    #: for this long is lost, and the others go on without it.
+    node_ttl_s: float = 5.0
+    #: With ``launch.rendezvous``: at the job's start, once MIN nodes are present, how long
+    #: to wait for more (up to MAX) before training starts.
+    elastic_wait_s: float = 30.0
+    #: With ``launch.rendezvous``: a node that joins a running job is taken in (a snapshot,
+    #: then a restart with it) no sooner than this long after the last change of members.
+    scale_up_min_interval_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -216,7 +262,7 @@ def load_config(path: Union[str, Path], overrides: typing.Sequence[str] = ()) ->
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = parse_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not valid UTF-8 text (byte {e.start}); a config is a YAML "
                           f"text file") from None
@@ -268,7 +314,7 @@ def _apply_override(raw: dict, item: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"--set {key}: {part!r} is not a section")
     # YAML parsing gives 40 -> int, 1e-3 -> float, null -> None, [a, b] -> list.
-    node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+    node[parts[-1]] = parse_yaml(text) if text.strip() else ""
 
 
 def _build(cls, raw: Any, source: str, prefix: str):
@@ -291,6 +337,28 @@ def _build(cls, raw: Any, source: str, prefix: str):
     config = cls(**values)
     _validate(config, source, prefix)
     return config
+
+
+def _is_node_range(nnodes: Union[int, str]) -> bool:
+    if isinstance(nnodes, int):
+        return nnodes >= 1
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", nnodes)
+    return match is not None and 1 <= int(match[1]) <= int(match[2])
+
+
+def etcd_endpoints(url: str) -> typing.List[typing.Tuple[str, int]]:
+    """``etcd://h1:2379,h2:2379`` as ``[("h1", 2379), ("h2", 2379)]``; ValueError saying
+    which part is wrong."""
+    scheme = "etcd://"
+    if not url.startswith(scheme):
+        raise ValueError(f"must start with {scheme}")
+    endpoints = []
+    for part in url[len(scheme):].rstrip("/").split(","):
+        host, sep, port = part.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{part.strip()!r} is not HOST:PORT")
+        endpoints.append((host.strip("[]"), int(port)))
+    return endpoints
 
 
 def _unknown_key_message(source: str, dotted: str, known: dict) -> str:
@@ -378,10 +446,25 @@ def _validate(config: Any, source: str, prefix: str) -> None:
         need(n == "auto" or (isinstance(n, int) and n >= 1), "nproc_per_node",
              "must be a positive integer or 'auto'")
         need(config.device in ("auto", "cpu", "gpu"), "device", "must be auto, cpu or gpu")
-        need(config.nnodes >= 1, "nnodes", "must be >= 1")
-        need(0 <= config.node_rank < config.nnodes, "node_rank", "must be in [0, nnodes)")
-        need(config.nnodes == 1 or bool(config.master), "master",
-             "must be set (host:port) when nnodes > 1")
+        need(_is_node_range(config.nnodes), "nnodes",
+             'must be a positive integer, or "MIN:MAX" with 1 <= MIN <= MAX')
+        if config.rendezvous is None:
+            need(isinstance(config.nnodes, int), "nnodes",
+                 "MIN:MAX needs launch.rendezvous (etcd://HOST:PORT), where the nodes agree on "
+                 "who is present; without it give the number of nodes")
+            need(0 <= config.node_rank < config.nnodes, "node_rank", "must be in [0, nnodes)")
+            need(config.nnodes == 1 or bool(config.master), "master",
+                 "must be set (host:port) when nnodes > 1")
+        else:
+            try:
+                etcd_endpoints(config.rendezvous)
+            except ValueError as e:
+                raise ConfigError(f"{source}: {prefix}rendezvous {config.rendezvous!r}: {e}; "
+                                  f"e.g. etcd://10.0.0.5:2379 or etcd://h1:2379,h2:2379") from None
+            need(config.master is None, "master", "is chosen in each generation with "
+                 "launch.rendezvous (the first node's address); remove it")
+        need(config.job_id is None or re.fullmatch(r"[A-Za-z0-9._-]+", config.job_id) is not None,
+             "job_id", "must be letters, digits, '.', '_' or '-' (it names etcd keys)")
         for i, arg in enumerate(config.extra_args):
             flag = _flag_paddlerun_sets(arg)
             if flag is not None:
@@ -403,6 +486,9 @@ def _validate(config: Any, source: str, prefix: str) -> None:
         need(config.spot_endpoint is None or config.spot_endpoint.startswith(("http://", "https://")),
              "spot_endpoint", "must be an http:// or https:// URL")
         need(config.max_failures_in_window >= 1, "max_failures_in_window", "must be >= 1")
+        need(config.node_ttl_s >= 2, "node_ttl_s", "must be >= 2 (etcd grants no shorter lease)")
+        need(config.elastic_wait_s >= 0, "elastic_wait_s", "must be >= 0")
+        need(config.scale_up_min_interval_s >= 0, "scale_up_min_interval_s", "must be >= 0")
         need(config.hang_timeout_s >= 2 * config.heartbeat_interval_s, "hang_timeout_s",
              "must be at least twice heartbeat_interval_s")
         for i, name in enumerate(config.preempt_signals):
