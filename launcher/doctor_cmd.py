@@ -26,7 +26,7 @@ from paddlerun.launcher.exit_codes import FAILED, SUCCESS
 from paddlerun.launcher.launch import resolve_nproc, visible_gpus
 from paddlerun.trainer import paddle_build
 from paddlerun.trainer.checkpoint import CheckpointStore
-from paddlerun.trainer.config import Config
+from paddlerun.trainer.config import Config, etcd_endpoints
 
 #: How long to wait for the master's port to answer (a worker node's check only).
 CONNECT_TIMEOUT_S = 2.0
@@ -82,9 +82,28 @@ def diagnose(config: Config, run_dir: Path) -> List[Check]:
     build = _paddle(config)
     checks = [_python(config), build[0], _gpus(config, build[1])]
     checks.append(_checkpoints(Path(config.checkpoint.dir or run_dir / "checkpoints")))
-    if config.launch.nnodes > 1:
+    if config.launch.rendezvous is not None:
+        checks.append(_etcd(config))
+    elif config.launch.nnodes > 1:
         checks.append(_master(config))
     return checks
+
+
+def _etcd(config: Config) -> Check:
+    """An elastic job: the nodes meet in etcd, which must answer."""
+    try:
+        from paddlerun.cluster.etcd_client import Etcd, EtcdUnavailable
+    except ImportError:
+        return Check("etcd", False, "launch.rendezvous needs the etcd client: "
+                                    "pip install 'paddlerun[elastic]'")
+    etcd = Etcd(etcd_endpoints(config.launch.rendezvous))
+    job_id = config.launch.job_id or config.job.name
+    try:
+        nodes = etcd.get_prefix(f"/paddlerun/{job_id}/nodes/")
+    except EtcdUnavailable as e:
+        return Check("etcd", False, f"{e}; start etcd or fix launch.rendezvous")
+    return Check("etcd", True, f"{etcd.describe()} answers; job {job_id!r} has {len(nodes)} node(s) "
+                               f"present now (launch.nnodes={config.launch.nnodes})")
 
 
 def _python(config: Config) -> Check:

@@ -90,10 +90,14 @@ class ElasticNode:
 
     # ------------------------------------------------------------ forming
 
-    def form(self, deadline: float, stop_asked: Callable[[], bool]) -> Optional[Generation]:
+    def form(self, deadline: float, stop_asked: Callable[[], bool],
+             on_lost: Callable[[LostNode], None] = lambda node: None) -> Optional[Generation]:
         """Wait until a generation newer than this node's last includes it; propose it when
-        this node leads. None when a stop was asked first. Raises TooFewNodes at ``deadline``."""
+        this node leads. None when a stop was asked first. Raises TooFewNodes at ``deadline``.
+        ``on_lost``: told once of each node of the last generation seen gone meanwhile (the
+        attempt may have failed through it before its key expired)."""
         seen = self.generation.number if self.generation else 0
+        reported = set()
         self.membership.set_state(NodeState.READY, seen)
         enough_since: Optional[float] = None
         said = time.monotonic()
@@ -101,6 +105,10 @@ class ElasticNode:
         while True:
             if stop_asked():
                 return None
+            for node in self.lost():
+                if node.node_id not in reported and "left the generation" not in node.how:
+                    reported.add(node.node_id)
+                    on_lost(node)
             now = time.monotonic()
             view = self.membership.view()
             if view is not None and now - view.at < 1.0:
@@ -173,6 +181,8 @@ class ElasticNode:
             return []  # no news is no loss
         lost = []
         for node_id in self.generation.members:
+            if node_id == self.node_id:
+                continue
             member = view.members.get(node_id)
             if member is not None:
                 if member.state == NodeState.READY and member.generation >= self.generation.number:

@@ -109,7 +109,7 @@ class Supervisor:
         self.spec = spec
         self.scheduler = scheduler or NoScheduler()
         self.node_dir = spec.node_dir
-        self.multi_node = spec.config.launch.nnodes > 1
+        self.multi_node = spec.config.launch.node_range[1] > 1 and spec.config.launch.rendezvous is None
         self.config = spec.config
         self.run_dir = spec.run_dir
         self.stream = stream or sys.stdout
@@ -439,7 +439,7 @@ class Supervisor:
                 if not self.elastic.join(deadline, self._stop_asked):
                     return self._stopped_waiting()
             before = self.elastic.generation
-            gen = self.elastic.form(deadline, self._stop_asked)
+            gen = self.elastic.form(deadline, self._stop_asked, on_lost=self._emit_node_lost)
         except TooFewNodes as e:
             self._pending = Failure(self.attempt, time.time(), FailureKind.TOO_FEW_NODES, str(e),
                                     retriable=False, progressed=False)
@@ -477,15 +477,18 @@ class Supervisor:
         """A node of this generation is gone: stop this node's workers (a survivor already
         writing its emergency snapshot may finish it) and regroup without it."""
         for node in lost:
-            self._emit("node_lost", lost_node=node.node_id, how=node.how, latency_s=node.latency_s,
-                       generation=self.elastic.generation.number)
-            log.warning("node %s is lost (%s, %.1f s after its last sign of life): regrouping",
-                        node.node_id, node.how, node.latency_s)
+            self._emit_node_lost(node)
         if any(hb.phase == "checkpoint" for hb in self._local_beats().values() if not hb.ended):
             self._let_survivors_finish()
         self._teardown("node_lost")
         self._backoff_until = 0.0
         return State.RESTARTING
+
+    def _emit_node_lost(self, node) -> None:
+        self._emit("node_lost", lost_node=node.node_id, how=node.how, latency_s=node.latency_s,
+                   generation=self.elastic.generation.number)
+        log.warning("node %s is lost (%s, %.1f s after its last sign of life): regrouping",
+                    node.node_id, node.how, node.latency_s)
 
     def _maybe_scale_up(self) -> None:
         """A node joined: ask the workers for a snapshot at their next agreement step; their

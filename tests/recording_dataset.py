@@ -6,10 +6,16 @@ reads them: with ``train.num_workers=0`` that is batch order). A test splits a r
 list into batches of ``global_batch_size / world_size`` to get the samples of every step.
 """
 import os
+import time
 from pathlib import Path
 
 from paddlerun.trainer.data import mnist
 from paddlerun.trainer.env import WorkerEnv
+
+
+#: Seconds each sample takes to read (``RECORDING_SAMPLE_DELAY_S``): slows the steps, so a
+#: test has time to act between them, without changing what is trained.
+DELAY_S = float(os.environ.get("RECORDING_SAMPLE_DELAY_S", "0") or 0)
 
 
 class Recording:
@@ -23,6 +29,8 @@ class Recording:
 
     def __getitem__(self, index):
         os.write(self._fd, f"{int(index)}\n".encode())
+        if DELAY_S:
+            time.sleep(DELAY_S)
         return self.base[index]
 
 
