@@ -535,7 +535,11 @@ class Chaos:
         self._check_nothing_left(f"after the exit of attempt {inj.attempt} (code {inj.exit_code})")
         if inj.fault.kind is Kind.CORRUPT:
             self._corrupt_newest(inj)
+        before = latest_started(self.run_dir)
         self._start()
+        # The next fault waits for the rerun's own attempt: until it starts one, the heartbeats
+        # are the last run's, and a signal sent on them would hit the rerun while it starts up.
+        self._wait_for_next_attempt(before["attempt"] if before else -1)
 
     # -- the faults
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from paddlerun.cluster import k8s_cmd, k8s_env, slurm_cmd
-from paddlerun.launcher import doctor_cmd, preflight
+from paddlerun.launcher import doctor_cmd, early_signals, preflight
 from paddlerun.launcher.exit_codes import BAD_CONFIG, FAILED
 from paddlerun.launcher.usage import UsageError
 from paddlerun.trainer.config import Config, ConfigError, load_config
@@ -30,6 +30,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         cut = argv.index("--")
         argv, script_args = argv[:cut], argv[cut + 1:]
     args = parser.parse_args(argv)
+    if args.command == "run":
+        early_signals.hold()  # until the supervisor watches them (launcher/early_signals.py)
     logging.basicConfig(level=logging.INFO, format="paddlerun %(levelname)s: %(message)s",
                         stream=sys.stderr)
     try:

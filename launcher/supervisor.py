@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional
 
 from filelock import FileLock, Timeout
 
-from paddlerun.launcher import exit_codes, root_cause
+from paddlerun.launcher import early_signals, exit_codes, root_cause
 from paddlerun.launcher.console_log import LaunchLogForwarder, unshown_lines
 from paddlerun.launcher.elastic import ElasticNode, TooFewNodes
 from paddlerun.launcher.exit_watch import ExitWatch
@@ -140,14 +140,18 @@ class Supervisor:
     # ------------------------------------------------------------ main loop
 
     def run(self) -> int:
+        # First: from here on a preemption signal is a clean exit 75, also while the run
+        # directory is prepared and leftovers are stopped (which may take seconds).
+        previous = self._install_signal_handlers()
+        self.signals[:0] = early_signals.take()
         try:
             self._prepare()
         except RunDirBusy as e:
+            self._restore_signal_handlers(previous)
             print(f"paddlerun: {e}", file=sys.stderr)
             return exit_codes.BAD_CONFIG
         self._stop_leftovers()
         become_subreaper()
-        previous = self._install_signal_handlers()
         self.exits.wake_on_signals()
         if self.config.launch.rendezvous is not None:
             self.elastic = ElasticNode(self.config, self.spec.nproc_per_node, self._checkpoints().fence)
@@ -240,6 +244,8 @@ class Supervisor:
                    sigkilled=[i.pid for i in killed])
 
     def _start(self) -> State:
+        if self._stop_asked():
+            return self._stopped_waiting("stopped before the attempt started")
         if self.elastic is not None:
             formed = self._next_generation()
             if formed is not State.STARTING:
@@ -468,9 +474,8 @@ class Supervisor:
         self.spec = dataclasses.replace(self.spec, config=self.config, host=self.elastic.addr)
         self.multi_node = len(gen.members) > 1
 
-    def _stopped_waiting(self) -> State:
-        self._emit("preempted", clean=True, how="stopped while waiting for a generation",
-                   **self._stop_fields())
+    def _stopped_waiting(self, how: str = "stopped while waiting for a generation") -> State:
+        self._emit("preempted", clean=True, how=how, **self._stop_fields())
         return State.PREEMPTED
 
     def _node_lost(self, lost) -> State:
