@@ -29,6 +29,10 @@ FORM_POLL_S = 0.1
 PROGRESS_EVERY_S = 15.0
 
 
+#: How a member that is alive but left the generation (its attempt ended) is "lost".
+LEFT_GENERATION = "left the generation"
+
+
 class TooFewNodes(RuntimeError):
     """Fewer than MIN nodes were ready within the start timeout."""
 
@@ -60,6 +64,8 @@ class ElasticNode:
         #: The generation this node runs in (None before the first).
         self.generation: Optional[Generation] = None
         self.changed_at = time.monotonic()
+        #: Nodes of this generation already told as lost.
+        self._told: set = set()
         #: The checkpoints directory's fence: generation numbers always go above it.
         self._fence = fence
 
@@ -97,7 +103,6 @@ class ElasticNode:
         ``on_lost``: told once of each node of the last generation seen gone meanwhile (the
         attempt may have failed through it before its key expired)."""
         seen = self.generation.number if self.generation else 0
-        reported = set()
         self.membership.set_state(NodeState.READY, seen)
         enough_since: Optional[float] = None
         said = time.monotonic()
@@ -106,8 +111,7 @@ class ElasticNode:
             if stop_asked():
                 return None
             for node in self.lost():
-                if node.node_id not in reported and "left the generation" not in node.how:
-                    reported.add(node.node_id)
+                if node.how != LEFT_GENERATION:
                     on_lost(node)
             now = time.monotonic()
             view = self.membership.view()
@@ -160,6 +164,7 @@ class ElasticNode:
 
     def _adopt(self, gen: Generation) -> Generation:
         self.generation = gen
+        self._told = set()
         self.changed_at = time.monotonic()
         self.membership.set_state(NodeState.RUNNING, gen.number)
         self.membership.publish_now()
@@ -175,18 +180,19 @@ class ElasticNode:
 
     def lost(self) -> List[LostNode]:
         """Members of this generation that are gone (lease expired, or left) or have left it
-        (ready for the next one: their workers are gone). Empty while etcd is away."""
+        (ready for the next one: their workers are gone), each told once. Empty while etcd
+        is away."""
         view = self.membership.view()
         if self.generation is None or view is None or time.monotonic() - view.at >= 1.0:
             return []  # no news is no loss
         lost = []
         for node_id in self.generation.members:
-            if node_id == self.node_id:
+            if node_id == self.node_id or node_id in self._told:
                 continue
             member = view.members.get(node_id)
             if member is not None:
                 if member.state == NodeState.READY and member.generation >= self.generation.number:
-                    lost.append(LostNode(node_id, "left the generation (its workers stopped)", 0.0))
+                    lost.append(LostNode(node_id, LEFT_GENERATION, 0.0))
                 continue
             last = self.membership.last_seen.get(node_id)
             if last is not None and last.state == NodeState.DONE:
@@ -194,6 +200,7 @@ class ElasticNode:
             how = "left" if last is not None and last.state == NodeState.LEAVING else "lease expired"
             latency = time.time() - last.alive_at if last is not None else float("nan")
             lost.append(LostNode(node_id, how, round(latency, 2)))
+        self._told.update(node.node_id for node in lost)
         return lost
 
     def joiners(self) -> List[str]:

@@ -101,6 +101,12 @@ class LaunchSpec:
             env[worker_env.SUPERVISOR] = str(supervisor)
         if generation is not None:
             env[worker_env.GENERATION] = str(generation)
+        if self.host is not None and "GLOO_SOCKET_IFNAME" not in base:
+            # gloo's default is the address the host name resolves to, often 127.0.x.1: the
+            # other nodes could not connect. The interface of this node's own address can.
+            interface = interface_of(self.host)
+            if interface is not None:
+                env["GLOO_SOCKET_IFNAME"] = interface
         if self.uses_gpus:
             env.update(gpu_env.gpu_worker_env(self.config, base))
         return env
@@ -144,3 +150,12 @@ def visible_gpus() -> int:
     except (OSError, subprocess.TimeoutExpired):
         return 0
     return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+def interface_of(address: str) -> Optional[str]:
+    """The network interface that holds ``address`` on this host, if one does."""
+    import psutil
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address == address for a in addrs):
+            return name
+    return None

@@ -23,7 +23,7 @@ from filelock import FileLock, Timeout
 
 from paddlerun.launcher import early_signals, exit_codes, root_cause
 from paddlerun.launcher.console_log import LaunchLogForwarder, unshown_lines
-from paddlerun.launcher.elastic import ElasticNode, TooFewNodes
+from paddlerun.launcher.elastic import LEFT_GENERATION, ElasticNode, TooFewNodes
 from paddlerun.launcher.exit_watch import ExitWatch
 from paddlerun.launcher.launch import LaunchSpec
 from paddlerun.launcher.leftovers import find_leftovers, stop_leftovers
@@ -350,7 +350,8 @@ class Supervisor:
             # before its pid is watched is found only at the next look, maybe reaped by the
             # launcher already, and its exit signal is then lost to the failure report.
             starting = len(local) < self.spec.nproc_per_node and now - self.attempt_started < start_timeout
-            self.exits.sleep(POLL_S if self._dead or starting else CHECK_S)
+            # Elastic: a lost node is in the membership view within POLL_S of its expiry.
+            self.exits.sleep(POLL_S if self._dead or starting or self.elastic else CHECK_S)
 
     def _fail(self) -> State:
         failure = self._pending
@@ -481,11 +482,17 @@ class Supervisor:
     def _node_lost(self, lost) -> State:
         """A node of this generation is gone: stop this node's workers (a survivor already
         writing its emergency snapshot may finish it) and regroup without it."""
-        for node in lost:
+        gone = [node for node in lost if node.how != LEFT_GENERATION]
+        for node in gone:
             self._emit_node_lost(node)
+        if not gone:
+            self._emit("regrouping", left=[node.node_id for node in lost],
+                       generation=self.elastic.generation.number)
         if any(hb.phase == "checkpoint" for hb in self._local_beats().values() if not hb.ended):
             self._let_survivors_finish()
-        self._teardown("node_lost")
+        # The workers wait in a collective for the lost node: SIGTERM cannot reach them
+        # until it fails, and there is nothing left they could save.
+        self._teardown("node_lost" if gone else "regrouping", NOTHING_TO_SAVE_TERM_S)
         self._backoff_until = 0.0
         return State.RESTARTING
 
@@ -621,8 +628,8 @@ class Supervisor:
             except FileNotFoundError:
                 pass
 
-    def _teardown(self, why: str) -> None:
-        killed = self.tree.close(TEARDOWN_TERM_S)
+    def _teardown(self, why: str, term_s: float = TEARDOWN_TERM_S) -> None:
+        killed = self.tree.close(term_s)
         self.console.forward()
         if why != "finished":  # a launcher that finished has shown everything
             self._show_unshown_worker_lines()

@@ -8,15 +8,19 @@ must be those of an uninterrupted run: nothing repeated or skipped.
 """
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from etcd_server import EtcdServer, etcd_missing
-from helpers import (REPO, assert_no_leftovers, events, heartbeat, killed_on_error, processes_of,
-                     run, start, summary, wait_all, wait_for)
+from etcd_server import EtcdServer, endpoints, etcd_missing
+from helpers import (REPO, assert_no_leftovers, command, events, heartbeat, kill_session,
+                     processes_of, run, start, summary, wait, wait_all, wait_for)
+from netns import Netns, netns_missing
+from paddlerun.cluster.etcd_client import Etcd
 
 pytestmark = [pytest.mark.slow, pytest.mark.etcd,
               pytest.mark.skipif(etcd_missing() is not None, reason=str(etcd_missing()))]
@@ -179,4 +183,46 @@ def test_etcd_killed_and_restarted_mid_run_loses_nothing(tmp_path, etcd):
         assert len(generations(run_dir)) == 1, generations(run_dir)
         assert not [e for e in events(run_dir) if e["event"] in ("node_lost", "worker_failed")]
         assert summary(run_dir)["restarts"] == 0
+    assert_no_leftovers(n0_dir), assert_no_leftovers(n1_dir)
+
+
+@pytest.mark.skipif(netns_missing() is not None, reason=str(netns_missing()))
+def test_a_node_cut_off_the_network_is_seen_lost_within_ttl_plus_one_second(tmp_path):
+    """Node 1 runs in a network namespace of its own; taking its link down is a silent loss."""
+    ns = Netns().open()
+    server = None
+    n0_dir, n1_dir = tmp_path / "n0", tmp_path / "n1"
+    procs = []
+    try:
+        server = EtcdServer(tmp_path / "etcd", hosts=[ns.outer_ip]).start()
+        sets = elastic(server, tmp_path / "ckpt")
+        n0 = start(n0_dir, *sets, env=ENV)
+        procs.append(n0)
+        etcd = Etcd(endpoints(server))
+        wait_for(lambda: etcd.get_prefix("/paddlerun/test/nodes/"), 60, "node 0 to join")
+        n1 = subprocess.Popen(ns.inside(command(n1_dir, *sets)), cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                              env={**os.environ, **ENV})
+        procs.append(n1)
+        wait_for(lambda: generations(n0_dir) and step_of(n0_dir, n1_dir) >= 20, 120, "2-node training")
+        first = generations(n0_dir)[0]
+        assert len(first["members"]) == 2 and first["master"].startswith(ns.outer_ip), first
+        ns.cut()
+        cut_at = time.time()
+        wait_for(lambda: [e for e in events(n0_dir) if e["event"] == "node_lost"], 30, "node_lost")
+        lost = [e for e in events(n0_dir) if e["event"] == "node_lost"][0]
+        out0 = wait(n0, 300)  # node 0 goes on alone (MIN 1) and finishes
+    finally:
+        kill_node(n0_dir), kill_node(n1_dir)
+        for p in procs:
+            if p.poll() is None:
+                kill_session(p)
+            p.communicate(timeout=30)
+        if server is not None:
+            server.stop()
+        ns.close()
+    assert lost["how"] == "lease expired", lost
+    assert lost["time"] - cut_at <= TTL + 1, f"seen {lost['time'] - cut_at:.2f} s after the cut"
+    assert n0.returncode == 0, out0[-4000:]
+    assert [len(g["members"]) for g in generations(n0_dir)] == [2, 1]
     assert_no_leftovers(n0_dir), assert_no_leftovers(n1_dir)
