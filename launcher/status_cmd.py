@@ -107,7 +107,21 @@ def collect(run_dir: Path, now: float) -> Dict[str, Any]:
         "metrics": last_metrics(run_dir / "metrics.jsonl"),
         "summary": summary_status(run_dir / "summary.json"),
         "slurm": slurm_status(events),
+        "generation": last_generation(events),
     }
+
+
+def last_generation(events: List[dict]) -> Optional[Dict[str, Any]]:
+    """Elastic jobs: the generation this node runs in, and the nodes lost since the start."""
+    generations = [e for e in events if e.get("event") == "generation"]
+    if not generations:
+        return None
+    last = generations[-1]
+    return {"number": last.get("number"), "members": last.get("members"),
+            "world_size": last.get("world_size"), "node_id": last.get("node_id"),
+            "master": last.get("master"), "since": last.get("time"),
+            "changes": len(generations) - 1,
+            "nodes_lost": sum(1 for e in events if e.get("event") == "node_lost")}
 
 
 def last_state(events: List[dict]) -> tuple:
@@ -283,6 +297,12 @@ def human(s: Dict[str, Any]) -> str:
     row("state", _state_line(s, now))
     if s.get("slurm"):
         row("slurm", slurm_line(s["slurm"]))
+    gen = s.get("generation")
+    if gen:
+        members = ", ".join(f"{m} (this node)" if m == gen["node_id"] else m for m in gen["members"])
+        row("nodes", f"generation {gen['number']} since {render.age(gen['since'], now)}: "
+                     f"{len(gen['members'])} node(s), {gen['world_size']} workers: {members}; "
+                     f"{gen['changes']} change(s), {gen['nodes_lost']} node(s) lost")
     if s["interrupted"]:
         row("", "its supervisor is gone (killed? OOM? reboot?): run the same `paddlerun run` "
                 "command again to resume from the newest snapshot")
