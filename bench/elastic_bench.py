@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 from etcd_server import EtcdServer  # noqa: E402
-from helpers import command, processes_of  # noqa: E402
+from helpers import command, kill_node, wait_for  # noqa: E402
 from paddlerun.trainer.events import read_events  # noqa: E402
 from paddlerun.trainer.metrics import read_metrics  # noqa: E402
 
@@ -50,24 +49,6 @@ KILL_AT_STEP = 40
 def start(run_dir: Path, sets) -> subprocess.Popen:
     return subprocess.Popen(command(run_dir, *sets), cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-
-
-def kill_node(run_dir: Path) -> None:
-    for proc in processes_of(run_dir):
-        try:
-            proc.send_signal(signal.SIGKILL)
-        except Exception:
-            pass
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.02):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise RuntimeError(f"timed out after {timeout} s waiting for {what}")
 
 
 def events(run_dir: Path, name: str):

@@ -15,7 +15,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from paddlerun.cluster.etcd_client import Etcd, EtcdUnavailable
 from paddlerun.cluster.membership import (Generation, Member, Membership, NodeState, View,

@@ -116,6 +116,16 @@ def processes_of(run_dir: Path) -> List[psutil.Process]:
     return found
 
 
+def kill_node(run_dir: Path) -> None:
+    """SIGKILL every process of a run directory at once (supervisor, launcher, workers, in
+    sessions of their own): a node lost whole."""
+    for proc in processes_of(run_dir):
+        try:
+            proc.send_signal(signal.SIGKILL)
+        except psutil.Error:
+            pass
+
+
 def assert_no_leftovers(run_dir: Path, timeout: float = 15) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:

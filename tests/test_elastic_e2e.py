@@ -9,7 +9,6 @@ must be those of an uninterrupted run: nothing repeated or skipped.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -17,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from etcd_server import EtcdServer, endpoints, etcd_missing
-from helpers import (REPO, assert_no_leftovers, command, events, heartbeat, kill_session,
-                     processes_of, run, start, summary, wait, wait_all, wait_for)
+from helpers import (REPO, assert_no_leftovers, command, events, heartbeat, kill_node,
+                     kill_session, run, start, summary, wait, wait_all, wait_for)
 from netns import Netns, netns_missing
 from paddlerun.cluster.etcd_client import Etcd
 
@@ -49,15 +48,6 @@ def elastic(etcd, ckpt: Path, nnodes="1:2", **supervisor):
 
 def generations(run_dir: Path):
     return [e for e in events(run_dir) if e["event"] == "generation"]
-
-
-def kill_node(run_dir: Path) -> None:
-    """SIGKILL a node whole: its supervisor, launcher and workers (in sessions of their own)."""
-    for proc in processes_of(run_dir):
-        try:
-            proc.send_signal(signal.SIGKILL)
-        except Exception:
-            pass
 
 
 def step_of(*run_dirs: Path) -> int:
