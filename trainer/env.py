@@ -21,6 +21,7 @@ TTY = "PADDLERUN_TTY"
 HEARTBEAT_INTERVAL = "PADDLERUN_HEARTBEAT_INTERVAL_S"
 #: ``PID:START_TICKS`` of the supervisor: workers stop when it is gone (trainer/heartbeat.py).
 SUPERVISOR = "PADDLERUN_SUPERVISOR"
+GENERATION = "PADDLERUN_GENERATION"  # SHIM
 
 
 @dataclass(frozen=True)
