@@ -184,7 +184,9 @@ RACING_COMMITTER = """if True:
                 refused = step
                 break
             committed.append(step)
-        (root / f"round-{r}.json").write_text(json.dumps({"committed": committed, "refused": refused}))
+        done = root / f"round-{r}.json"
+        Path(f"{done}.tmp").write_text(json.dumps({"committed": committed, "refused": refused}))
+        Path(f"{done}.tmp").rename(done)  # whole, or not there: the test polls for it
 """
 
 
