@@ -18,16 +18,18 @@ class FakeTrainer:
     position: Position
 
 
-def make_checkpointer(run_dir, directory="ckpt", sharded=False, sharded_optimizer=False, **checkpoint):
+def make_checkpointer(run_dir, directory="ckpt", sharded=False, sharded_optimizer=False, generation=None,
+                      **checkpoint):
     """(Checkpointer writing to ``run_dir/directory``, a FakeTrainer over Linear(8, 4) + Adam);
     one worker. ``sharded``: the optimizer state is sharded (the Checkpointer's argument);
-    ``sharded_optimizer``: the config asks for it. ``checkpoint`` overrides keys of the
-    checkpoint config."""
+    ``sharded_optimizer``: the config asks for it. ``generation``: an elastic job's worker's
+    (PADDLERUN_GENERATION). ``checkpoint`` overrides keys of the checkpoint config."""
     config = Config()
     config = dataclasses.replace(config, checkpoint=dataclasses.replace(config.checkpoint, **checkpoint),
                                  train=dataclasses.replace(config.train, sharded_optimizer=sharded_optimizer))
     env = WorkerEnv(rank=0, world_size=1, local_rank=0, nnodes=1, attempt=0, restarts=0,
-                    run_dir=run_dir, checkpoint_dir=run_dir / directory, config_path=None, tty=False)
+                    run_dir=run_dir, checkpoint_dir=run_dir / directory, config_path=None, tty=False,
+                    generation=generation)
     paddle.seed(0)
     with paddle.utils.unique_name.guard():
         layer = paddle.nn.Linear(8, 4)

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from paddlerun.trainer import state as tstate
-from paddlerun.trainer.checkpoint import CheckpointError, CheckpointStore
+from paddlerun.trainer.checkpoint import CheckpointError, CheckpointStore, StaleGenerationError
 from paddlerun.trainer.checkpointer import PERSIST_NICE
+from paddlerun.trainer.errors import is_retriable
 from paddlerun.trainer.events import EventLog, read_events
 from paddlerun.trainer.loop import Position
 
@@ -263,3 +264,63 @@ def test_a_snapshot_of_another_global_batch_is_refused_naming_both(tmp_path):
                                                    f"{trainer.train.global_batch_size}, this run has"):
         again.restore(fresh)
     again.close()
+
+
+# -- the generation fence of an elastic job (docs/checkpoints.md#generation-fence) ----------------
+
+
+def test_an_old_generation_s_async_persist_is_refused_and_ends_the_worker_not_retriable(tmp_path):
+    ckpt, trainer = make(tmp_path, generation=1)
+    train_step(trainer)
+    ckpt.save(trainer, wait=True)
+    store = CheckpointStore(tmp_path / "ckpt")
+    assert store.newest_complete().manifest["generation"] == 1
+    assert store.raise_fence(2) == 2  # generation 2 started
+    train_step(trainer)
+    ckpt.save(trainer)  # in the background: refused there
+    deadline = time.time() + 60
+    while ckpt.persisting and time.time() < deadline:
+        time.sleep(0.01)
+    train_step(trainer)
+    with pytest.raises(StaleGenerationError) as err:  # as itself, not "persisting ... failed"
+        ckpt.save(trainer)
+    assert not is_retriable(err.value) and (err.value.generation, err.value.fence) == (1, 2)
+    record = json.loads((tmp_path / "errors" / "attempt-0" / "rank-0.json").read_text())
+    assert record["type"] == "StaleGenerationError" and record["retriable"] is False, \
+        "recorded when refused, for a script whose exceptions no one else records"
+    assert [i.step for i in store.snapshots()] == [1]
+    assert not any(p.name.startswith(".staging-") for p in store.directory.iterdir())
+    ckpt.close()
+
+
+def test_an_old_generation_s_emergency_snapshot_is_refused_too(tmp_path):
+    ckpt, trainer = make(tmp_path, generation=3)
+    train_step(trainer, 2)
+    CheckpointStore(tmp_path / "ckpt").raise_fence(4)
+    with pytest.raises(StaleGenerationError):
+        ckpt.emergency_save(trainer, tstate.capture_rng())
+    assert CheckpointStore(tmp_path / "ckpt").snapshots() == []
+    ckpt.close()
+
+
+def test_a_new_generation_s_checkpointer_waits_for_the_old_one_s_writer_claim(tmp_path):
+    old, _ = make(tmp_path, generation=1)
+    made = {}
+
+    def start_generation_2():
+        made["new"] = make(tmp_path, generation=2, lock_timeout_s=30)[0]
+        made["at"] = time.monotonic()
+
+    # In a thread: filelock releases a lock only in the thread that took it (this one).
+    claimant = threading.Thread(target=start_generation_2)
+    claimant.start()
+    time.sleep(1.0)
+    assert "new" not in made, "it waits while generation 1 holds the claim"
+    released = time.monotonic()
+    old.close()  # its supervisor stopped it
+    claimant.join(timeout=60)
+    new = made["new"]
+    assert released <= made["at"]
+    owner = json.loads((tmp_path / "ckpt" / ".writer.json").read_text())
+    assert owner["generation"] == 2 and owner["pid"] == os.getpid()
+    new.close()

@@ -37,12 +37,13 @@ import paddle.distributed as dist
 from paddlerun.trainer import state as tstate
 from paddlerun.trainer.checkpoint.layout import (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, shard_file,
                                                  snapshot_name)
-from paddlerun.trainer.checkpoint import (CheckpointError, CheckpointStore, WriterBusyError,
-                                          inspect_snapshot, resolve_snapshot)
+from paddlerun.trainer.checkpoint import (CheckpointError, CheckpointStore, StaleGenerationError,
+                                          WriterBusyError, inspect_snapshot, resolve_snapshot)
 from paddlerun.trainer.restore_agreement import (RestoreChoice, SnapshotSource, agree_on_choice,
                                                  agree_all_loaded)
 from paddlerun.trainer.config import Config
 from paddlerun.trainer.env import WorkerEnv
+from paddlerun.trainer.errors import write_error
 from paddlerun.trainer.host_copy import HostBuffers
 from paddlerun.trainer.paddle_features import features
 
@@ -110,7 +111,7 @@ class Checkpointer:
             # removes the staging directory of the snapshot the first job is writing.
             self._claim = self.store.open_writer({
                 "host": socket.gethostname(), "pid": os.getpid(), "run_dir": str(run_dir),
-                "attempt": env.attempt, "started": time.time()})
+                "attempt": env.attempt, "started": time.time()}, generation=env.generation)
         self._thread: Optional[threading.Thread] = None
         #: The step of the persist started last, and when (time.monotonic()).
         self._in_flight: Tuple[int, float] = (-1, 0.0)
@@ -269,9 +270,14 @@ class Checkpointer:
         if c.reason == "emergency":
             time.sleep(self._pause_before_emergency_commit)
         shards = [shard_file(r) for r in range(self.env.world_size)] if self.sharded else []
-        path = self.store.commit(staging, meta={
-            "step": c.step, "epoch": c.trainer_state["epoch"], "world_size": self.env.world_size,
-            "reason": c.reason, "sharded_optimizer": self.sharded}, expect_files=shards)
+        try:
+            path = self.store.commit(staging, meta={
+                "step": c.step, "epoch": c.trainer_state["epoch"], "world_size": self.env.world_size,
+                "reason": c.reason, "sharded_optimizer": self.sharded}, expect_files=shards,
+                generation=self.env.generation)
+        except StaleGenerationError as e:
+            self._stale(e)
+            raise
         removed = self.store.apply_retention(self.cfg.keep_last, self.cfg.keep_every_steps)
         if self.events is not None:
             self.events.emit("snapshot_committed", self.env.attempt, step=c.step, reason=c.reason,
@@ -280,6 +286,15 @@ class Checkpointer:
                              persist_s=round(time.perf_counter() - started, 6))
         log.info("snapshot step %d committed (%s)", c.step, c.reason)
         return path
+
+    def _stale(self, error: StaleGenerationError) -> None:
+        """A newer generation started: say so, and record the error at once as the root cause,
+        not retriable -- also for a user's script, whose exceptions no one else records."""
+        log.error("generation %d is over (the job runs generation %d now): the snapshot of step %d "
+                  "was refused and this worker stops; not retried", error.generation, error.fence,
+                  error.step)
+        if self.env.run_dir is not None:
+            write_error(self.env.run_dir, self.env.attempt, self.env.rank, error)
 
     def _test_pause(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -302,6 +317,8 @@ class Checkpointer:
             self._thread = None
         if self._error is not None:
             error, self._error = self._error, None
+            if isinstance(error, StaleGenerationError):
+                raise error  # as itself: not retriable, unlike a failed write
             raise CheckpointError(f"persisting a snapshot failed: {type(error).__name__}: {error}") \
                 from error
 
@@ -321,6 +338,8 @@ class Checkpointer:
             return None
         try:
             self.wait()
+        except StaleGenerationError:
+            raise  # a newer generation owns the checkpoints: no emergency snapshot either
         except CheckpointError as e:
             log.warning("the snapshot in flight failed: %s", e)
         if self._committed(trainer.position.step):
@@ -346,7 +365,7 @@ class Checkpointer:
         deadline = time.time() + timeout_s
         while True:
             try:
-                return self.store.claim_writer(owner)
+                return self.store.claim_writer(owner, self.env.generation)
             except WriterBusyError:
                 if time.time() > deadline:
                     raise

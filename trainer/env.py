@@ -21,7 +21,12 @@ TTY = "PADDLERUN_TTY"
 HEARTBEAT_INTERVAL = "PADDLERUN_HEARTBEAT_INTERVAL_S"
 #: ``PID:START_TICKS`` of the supervisor: workers stop when it is gone (trainer/heartbeat.py).
 SUPERVISOR = "PADDLERUN_SUPERVISOR"
-GENERATION = "PADDLERUN_GENERATION"  # SHIM
+#: An elastic job's generation, which this worker belongs to: its commits are refused once
+#: a newer one has started (docs/checkpoints.md#generation-fence). Absent: a fixed-size job.
+GENERATION = "PADDLERUN_GENERATION"
+#: Test-only: stands in for GENERATION, which the supervisor scrubs from the environment it
+#: inherits (PADDLERUN_TEST_* pass), so a test can run a fixed-size job's workers as generation N.
+TEST_GENERATION = "PADDLERUN_TEST_GENERATION"
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,8 @@ class WorkerEnv:
     heartbeat_interval_s: float = 1.0
     #: The supervisor of this worker (same host), when started by one.
     supervisor: Optional[ProcessIdentity] = None
+    #: The elastic job's generation this worker runs in; None in a fixed-size job.
+    generation: Optional[int] = None
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] = os.environ) -> "WorkerEnv":
@@ -58,4 +65,14 @@ class WorkerEnv:
             tty=environ.get(TTY) == "1",
             heartbeat_interval_s=float(environ.get(HEARTBEAT_INTERVAL, 1.0)),
             supervisor=ProcessIdentity.parse(environ[SUPERVISOR]) if environ.get(SUPERVISOR) else None,
+            generation=_generation(environ.get(GENERATION) or environ.get(TEST_GENERATION)),
         )
+
+
+def _generation(value: Optional[str]) -> Optional[int]:
+    if not value:
+        return None
+    if not value.isdigit():
+        raise ValueError(f"{GENERATION}={value!r} is not a generation number (an int >= 0); "
+                         f"only an elastic job's supervisor sets it")
+    return int(value)

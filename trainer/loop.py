@@ -21,6 +21,7 @@ import paddle
 import paddle.distributed as dist
 
 from paddlerun.trainer import factories, sharding
+from paddlerun.trainer.checkpoint import StaleGenerationError
 from paddlerun.trainer.config import Config
 from paddlerun.trainer.digest import params_digest
 from paddlerun.trainer.env import WorkerEnv
@@ -265,6 +266,8 @@ class Trainer:
         with ignoring_sigterm():
             try:
                 path = self.checkpointer.emergency_save(self, rng)
+            except StaleGenerationError:
+                raise  # the root cause now: this worker's generation is over
             except Exception as e:  # the original error is the one to report
                 log.warning("emergency snapshot failed: %s: %s", type(e).__name__, e)
                 return

@@ -6,8 +6,8 @@ tensors is :mod:`paddlerun.trainer.state`'s job. A snapshot is
 written last, with the size and sha256 of every file. Start at :class:`CheckpointStore`.
 """
 from .atomic import FileRecord
-from .errors import (CheckpointError, LockTimeoutError, NoWriterClaimError, StepAlreadyExistsError,
-                     WriterBusyError)
+from .errors import (CheckpointError, LockTimeoutError, NoWriterClaimError, StaleGenerationError,
+                     StepAlreadyExistsError, WriterBusyError)
 from .layout import snapshot_name
 from .locks import WriterClaim
 from .manifest import MANIFEST_NAME
@@ -20,8 +20,8 @@ from .verify import SnapshotState
 
 __all__ = [
     "CheckpointError", "CheckpointStore", "FileRecord", "LockTimeoutError", "MANIFEST_NAME",
-    "NoWriterClaimError",
-    "SnapshotInfo", "SnapshotState", "Staging", "StepAlreadyExistsError", "WriterBusyError",
+    "NoWriterClaimError", "SnapshotInfo", "SnapshotState", "StaleGenerationError", "Staging",
+    "StepAlreadyExistsError", "WriterBusyError",
     "WriterClaim", "inspect_snapshot", "read_tensors", "resolve_snapshot", "snapshot_name",
     "steps_to_keep", "write_tensors",
 ]

@@ -43,3 +43,15 @@ class WriterBusyError(CheckpointError, NotRetriable):
 
 class NoWriterClaimError(CheckpointError):
     """A writer-only operation (``CheckpointStore.prepare``) was called without the writer claim."""
+
+
+class StaleGenerationError(CheckpointError, NotRetriable):
+    """A commit by a worker of an older generation than the directory's fence (see
+    ``CheckpointStore.raise_fence``): the job has moved on without this worker.
+
+    NotRetriable: restarting the same generation cannot help; the worker must stop.
+    """
+
+    def __init__(self, message: str, path: Path, generation: int, fence: int, step: int) -> None:
+        super().__init__(message, path)
+        self.generation, self.fence, self.step = generation, fence, step

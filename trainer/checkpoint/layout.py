@@ -7,7 +7,8 @@
       .staging-step-00001400/   a snapshot being written; never read; removed by prepare() if stale
       .trash-step-00000800-1f2e/  a snapshot retention is deleting; removed by prepare() if stale
       .lock                     filelock held for commit, retention and cleanup
-      .writer.lock .writer.json the single-writer claim and its owner (host, pid, run dir)
+      .writer.lock .writer.json the single-writer claim and its owner (host, pid, run dir, generation)
+      .generation               the generation fence of an elastic job (see fence.py); absent: none
       .readers/step-00001200.lock  shared flock held by every process reading that snapshot
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ TRASH_PREFIX = ".trash-"
 LOCK_NAME = ".lock"
 WRITER_LOCK_NAME = ".writer.lock"
 WRITER_OWNER_NAME = ".writer.json"
+FENCE_NAME = ".generation"
 READERS_DIR = ".readers"
 
 _SNAPSHOT = re.compile(r"^step-(\d{8,})$")

@@ -17,6 +17,8 @@
   ``FileLock`` taken with timeout 0 and held for the process's life (flock is released
   by the kernel when the holder dies, even on SIGKILL), next to ``.writer.json`` naming
   the owner, so the second claimant fails at once with a message naming host and pid.
+  One exception: an elastic job's claimant waits (up to a timeout) for an owner of an
+  older generation, whose supervisor is stopping it.
 """
 from __future__ import annotations
 
@@ -25,11 +27,12 @@ import datetime
 import errno
 import fcntl
 import json
+import logging
 import os
 import socket
 import time
 from pathlib import Path
-from typing import Iterator, Mapping, Optional
+from typing import Iterator, Mapping, Optional, Tuple
 
 import psutil
 from filelock import FileLock, Timeout
@@ -38,6 +41,7 @@ from .atomic import replace_file
 from .errors import LockTimeoutError, WriterBusyError
 
 _POLL_S = 0.05
+logger = logging.getLogger("paddlerun.checkpoint")
 
 
 @contextlib.contextmanager
@@ -125,19 +129,26 @@ class ReaderMark:
 
 class WriterClaim:
     """This process's exclusive right to write a checkpoints directory. Keep it referenced:
-    it is released by :meth:`release`, on ``with`` exit, or when this process dies."""
+    it is released by :meth:`release`, on ``with`` exit, or when this process dies.
 
-    def __init__(self, directory: Path, lock_name: str, owner_name: str, owner: Mapping) -> None:
+    ``generation`` (an elastic job's) is recorded in the owner record. A claimant of
+    generation G that finds the claim held by an owner of an older generation waits for
+    it, up to ``wait_for_older_s``: that owner's supervisor is stopping it. Any other
+    owner (the same or a newer generation, none, or an unreadable record) fails the
+    claim at once.
+    """
+
+    def __init__(self, directory: Path, lock_name: str, owner_name: str, owner: Mapping,
+                 generation: Optional[int] = None, wait_for_older_s: float = 0.0) -> None:
         self.lock_path = directory / lock_name
         self.owner_path = directory / owner_name
         self._lock = FileLock(self.lock_path, timeout=0)
-        try:
-            self._lock.acquire()
-        except Timeout:
-            raise self._busy(directory) from None
+        self._acquire(directory, generation, wait_for_older_s)
         me = psutil.Process()
         self.owner = {**owner, "host": socket.gethostname(), "pid": me.pid,
                       "process_start_unix": me.create_time(), "claimed_unix": time.time()}
+        if generation is not None:
+            self.owner["generation"] = generation
         #: Whether ``.writer.json`` names this process (see :meth:`record`).
         self.recorded = False
         try:
@@ -165,12 +176,45 @@ class WriterClaim:
         self.recorded = True
         return True
 
-    def _busy(self, directory: Path) -> WriterBusyError:
+    def _acquire(self, directory: Path, generation: Optional[int], wait_for_older_s: float) -> None:
+        """Take the lock now, or, while its owner is of an older generation, within ``wait_for_older_s``."""
+        deadline = time.monotonic() + wait_for_older_s
+        waiting_for: Optional[dict] = None
+        while True:
+            try:
+                self._lock.acquire()
+                return
+            except Timeout:
+                pass
+            holder = self._holder()
+            older = _older_generation(holder, generation)
+            # Once waiting, an unreadable record is the old owner between removing it and
+            # unlocking (release()); a readable one of another generation is a new owner.
+            if not older and (waiting_for is None or holder is not None):
+                raise self._busy(directory, holder) from None
+            if waiting_for is None:
+                waiting_for = holder
+                logger.warning(
+                    "checkpoint directory %s is still claimed by generation %s (host %s, pid %s); "
+                    "this claimant is of generation %d: waiting up to %g s for it to stop",
+                    directory, holder.get("generation"), holder.get("host"), holder.get("pid"),
+                    generation, wait_for_older_s)
+            if time.monotonic() >= deadline:
+                raise self._busy(directory, holder or waiting_for, waited=(generation, wait_for_older_s)) \
+                    from None
+            time.sleep(_POLL_S)
+
+    def _holder(self) -> Optional[dict]:
+        """The owner record of the process holding the claim, or None when missing or unreadable."""
         try:
             holder = json.loads(self.owner_path.read_bytes())
-            if not isinstance(holder, dict):
-                raise ValueError("not an object")
         except (OSError, ValueError):
+            return None
+        return holder if isinstance(holder, dict) else None
+
+    def _busy(self, directory: Path, holder: Optional[dict],
+              waited: Optional[Tuple[int, float]] = None) -> WriterBusyError:
+        if holder is None:
             return WriterBusyError(
                 f"checkpoint directory {directory} is already claimed by another process (its owner "
                 f"record {self.owner_path} is missing or unreadable; `lsof {self.lock_path}` names it). "
@@ -181,11 +225,22 @@ class WriterClaim:
             if isinstance(since, (int, float)) else "?"
         who = "this very process" if holder.get("pid") == os.getpid() \
             and holder.get("host") == socket.gethostname() else "another job"
+        named = (f"host {holder.get('host')}, pid {holder.get('pid')}, run dir "
+                 f"{holder.get('run_dir', '?')}, since {since}")
+        if waited is not None:
+            generation, seconds = waited
+            return WriterBusyError(
+                f"checkpoint directory {directory} is still claimed by a worker of generation "
+                f"{holder.get('generation')} ({named}) after this worker of generation {generation} "
+                f"waited {seconds:g} s for it. Its supervisor should have stopped it: stop it (kill "
+                f"pid {holder.get('pid')} on host {holder.get('host')}), or raise "
+                f"checkpoint.lock_timeout_s if it is only slow to save.", directory, holder)
+        if "generation" in holder:
+            who += f" of generation {holder['generation']}"
         return WriterBusyError(
-            f"checkpoint directory {directory} is already being written by {who}: host "
-            f"{holder.get('host')}, pid {holder.get('pid')}, run dir {holder.get('run_dir', '?')}, "
-            f"since {since}. Two jobs must not write the same checkpoint directory: stop that job, "
-            f"or give this one another run dir (or checkpoint.dir).", directory, holder)
+            f"checkpoint directory {directory} is already being written by {who}: {named}. Two "
+            f"jobs must not write the same checkpoint directory: stop that job, or give this one "
+            f"another run dir (or checkpoint.dir).", directory, holder)
 
     @property
     def held(self) -> bool:
@@ -204,3 +259,10 @@ class WriterClaim:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _older_generation(holder: Optional[dict], generation: Optional[int]) -> bool:
+    """Whether ``holder``'s record names a generation older than ``generation``."""
+    theirs = holder.get("generation") if holder is not None else None
+    return generation is not None and isinstance(theirs, int) and not isinstance(theirs, bool) \
+        and theirs < generation

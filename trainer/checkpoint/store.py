@@ -9,6 +9,9 @@ Who calls what:
 - every rank that writes a file: ``staging = store.stage(step)``, ``staging.write_*(...)``;
 - rank 0: ``store.commit(staging, meta, expect_files=<other ranks' files>)``, then
   ``store.apply_retention(keep_last, keep_every_steps)``;
+- an elastic job's supervisor, before a new generation's workers start:
+  ``store.raise_fence(generation)``; its workers pass ``generation`` to ``open_writer``
+  and ``commit``, and a commit of an older generation is refused (:mod:`.fence`);
 - any reader (a restarting worker, ``paddlerun ckpt``): ``newest_complete()`` or
   ``snapshots()``, then ``with store.reading(info) as info:`` while it reads the files
   (``info.read_tensors(name)`` and ``info.read_json(name)`` check them against the manifest).
@@ -28,10 +31,11 @@ import shutil
 from pathlib import Path
 from typing import Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
+from . import fence as fence_file
 from . import layout
 from . import manifest as mf
 from .atomic import FileRecord, fsync_dir, write_bytes
-from .errors import CheckpointError, NoWriterClaimError, StepAlreadyExistsError
+from .errors import CheckpointError, NoWriterClaimError, StaleGenerationError, StepAlreadyExistsError
 from .locks import ReaderMark, WriterClaim, exclusive
 from .retention import steps_to_keep
 from .snapshot import SnapshotInfo, _inspect, inspect_snapshot
@@ -63,32 +67,36 @@ class CheckpointStore:
     def lock_path(self) -> Path:
         return self.directory / layout.LOCK_NAME
 
+    @property
+    def fence_path(self) -> Path:
+        return self.directory / layout.FENCE_NAME
+
     # -- writing (rank 0 unless noted) -------------------------------------------------
 
-    def fence(self):  # SHIM
-        return 0
-
-    def raise_fence(self, n):  # SHIM
-        return n
-
+<<<<<<< HEAD
     def claim_writer(self, owner: Mapping) -> WriterClaim:
+=======
+    def claim_writer(self, owner: Mapping, generation: Optional[int] = None) -> WriterClaim:
+>>>>>>> fence20
         """Claim this directory for this process's job, or fail at once naming the owner's host and pid.
 
-        ``owner`` (e.g. ``{"run_dir": ...}``) is recorded next to host, pid and start time.
-        The store keeps the claim (:attr:`claim`) for :meth:`prepare`; it is released by
-        ``claim.release()``, or by the kernel when this process dies.
-        Raises :class:`WriterBusyError` when another process holds it.
+        ``owner`` (e.g. ``{"run_dir": ...}``) is recorded next to host, pid, start time and
+        ``generation`` (an elastic job's, when given). The store keeps the claim
+        (:attr:`claim`) for :meth:`prepare`; it is released by ``claim.release()``, or by the
+        kernel when this process dies. Raises :class:`WriterBusyError` when another process
+        holds it -- after waiting up to ``lock_timeout_s`` when that process is of an older
+        generation than ``generation``: its supervisor is stopping it.
         """
         self.directory.mkdir(parents=True, exist_ok=True)
         self.claim = WriterClaim(self.directory, layout.WRITER_LOCK_NAME, layout.WRITER_OWNER_NAME,
-                                 owner)
+                                 owner, generation=generation, wait_for_older_s=self.lock_timeout_s)
         return self.claim
 
-    def open_writer(self, owner: Mapping) -> WriterClaim:
+    def open_writer(self, owner: Mapping, generation: Optional[int] = None) -> WriterClaim:
         """The start of a writing job: :meth:`claim_writer`, then :meth:`prepare`. A second job
         on this directory fails here, with the first job's host and pid, before it touches
         anything of the first job's."""
-        claim = self.claim_writer(owner)
+        claim = self.claim_writer(owner, generation)
         try:
             self.prepare()
             if not claim.recorded and not claim.record():
@@ -140,7 +148,7 @@ class CheckpointStore:
         return Staging(path, step, publish_marks)
 
     def commit(self, staging: Staging, meta: Mapping, expect_files: Sequence[str] = (),
-               wait_timeout_s: float = 300.0) -> Path:
+               wait_timeout_s: float = 300.0, generation: Optional[int] = None) -> Path:
         """Turn ``staging`` into the snapshot ``step-XXXXXXXX``; returns its path. Rank 0 only.
 
         Waits up to ``wait_timeout_s`` for every file in ``expect_files`` that other ranks
@@ -149,9 +157,16 @@ class CheckpointStore:
         directory into place under the lock. Raises :class:`StepAlreadyExistsError` when a
         complete snapshot of this step exists (snapshots are never overwritten); a broken
         one is replaced, with a warning.
+
+        ``generation`` (an elastic job's workers give theirs) is recorded in the manifest and
+        checked against the fence (:meth:`raise_fence`) under the lock, before the rename:
+        when a newer generation has started, :class:`StaleGenerationError` is raised and the
+        staging directory removed. None: no check, no fence read (a fixed-size job).
         """
         if staging.path.parent.resolve() != self.directory.resolve():
             raise CheckpointError(f"{staging.path} does not belong to {self.directory}", staging.path)
+        if generation is not None:
+            meta = {**meta, "generation": fence_file.check_generation(generation)}
         final = self.directory / layout.snapshot_name(staging.step)
         self._refuse_complete(final)
         others = staging.wait_for([n for n in expect_files if n not in staging.records], wait_timeout_s)
@@ -169,12 +184,34 @@ class CheckpointStore:
         write_bytes(staging.path / mf.MANIFEST_NAME, data)  # last, fsynced
         fsync_dir(staging.path)
         with exclusive(self.lock_path, self.lock_timeout_s, f"commit {final.name}"):
+            if generation is not None:
+                self._refuse_stale(staging, generation)
             self._refuse_complete(final, replace_broken=True)
             os.rename(staging.path, final)
             fsync_dir(self.directory)
         logger.info("committed snapshot %s (%d files, %.1f MB)", final, len(records),
                     sum(r.size for r in records.values()) / 1e6)
         return final
+
+    def fence(self) -> int:
+        """The generation fence in force: commits of an older generation are refused. 0: none."""
+        return fence_file.read(self.fence_path)
+
+    def raise_fence(self, generation: int) -> int:
+        """Refuse, from now on, every commit of a generation older than ``generation``; returns
+        the fence now in force. An elastic job's supervisor calls it before starting that
+        generation's workers. Never lowers the fence (a late call for an older generation
+        leaves it as it is). Takes the lock commits take, so a commit of an older generation
+        either landed before this returns or is refused."""
+        fence_file.check_generation(generation)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with exclusive(self.lock_path, self.lock_timeout_s, f"raise the generation fence to {generation}"):
+            current = fence_file.read(self.fence_path)
+            if generation <= current:
+                return current
+            fence_file.write(self.fence_path, generation)
+        logger.info("generation fence of %s raised from %d to %d", self.directory, current, generation)
+        return generation
 
     def apply_retention(self, keep_last: int, keep_every_steps: Optional[int] = None) -> List[Path]:
         """Delete old snapshots; returns the deleted paths. Rank 0 only, after a commit.
@@ -287,6 +324,19 @@ class CheckpointStore:
             if trash is None:
                 raise CheckpointError(f"cannot replace the broken snapshot {final}: a reader holds it", final)
             shutil.rmtree(trash, ignore_errors=True)
+
+    def _refuse_stale(self, staging: Staging, generation: int) -> None:
+        """Under the lock: raise, removing ``staging``, when the fence is above ``generation``."""
+        fence = fence_file.read(self.fence_path)
+        if fence <= generation:
+            return
+        shutil.rmtree(staging.path, ignore_errors=True)
+        raise StaleGenerationError(
+            f"refused to commit step {staging.step} into {self.directory}: this worker is of "
+            f"generation {generation}, but the job has moved on to generation {fence} (the fence "
+            f"{self.fence_path}). A newer generation of workers owns the checkpoints now; this "
+            f"worker must stop. Its snapshot was discarded.", self.fence_path, generation, fence,
+            staging.step)
 
     def _rehash(self, staging: Staging, published: FileRecord) -> FileRecord:
         path = staging.path / published.name
