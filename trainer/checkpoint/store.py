@@ -73,11 +73,7 @@ class CheckpointStore:
 
     # -- writing (rank 0 unless noted) -------------------------------------------------
 
-<<<<<<< HEAD
-    def claim_writer(self, owner: Mapping) -> WriterClaim:
-=======
     def claim_writer(self, owner: Mapping, generation: Optional[int] = None) -> WriterClaim:
->>>>>>> fence20
         """Claim this directory for this process's job, or fail at once naming the owner's host and pid.
 
         ``owner`` (e.g. ``{"run_dir": ...}``) is recorded next to host, pid, start time and
