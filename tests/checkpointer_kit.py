@@ -4,8 +4,8 @@ import dataclasses
 import paddle
 
 from paddlerun.trainer.checkpointer import Checkpointer
-from paddlerun.trainer.config import Config
-from paddlerun.trainer.env import WorkerEnv
+from paddlerun.trainer.rundir.config import Config
+from paddlerun.trainer.rundir.env import WorkerEnv
 from paddlerun.trainer.loop import Position
 
 

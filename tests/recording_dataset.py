@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from paddlerun.trainer.data import mnist
-from paddlerun.trainer.env import WorkerEnv
+from paddlerun.trainer.rundir.env import WorkerEnv
 
 
 class Recording:

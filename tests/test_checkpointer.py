@@ -10,7 +10,7 @@ import pytest
 from paddlerun.trainer import state as tstate
 from paddlerun.trainer.checkpoint import CheckpointError, CheckpointStore
 from paddlerun.trainer.checkpointer import PERSIST_NICE
-from paddlerun.trainer.events import EventLog, read_events
+from paddlerun.trainer.rundir.events import EventLog, read_events
 from paddlerun.trainer.loop import Position
 
 from checkpointer_kit import make_checkpointer as make, train_step

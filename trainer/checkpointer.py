@@ -41,8 +41,8 @@ from paddlerun.trainer.checkpoint import (CheckpointError, CheckpointStore, Writ
                                           inspect_snapshot, resolve_snapshot)
 from paddlerun.trainer.restore_agreement import (RestoreChoice, SnapshotSource, agree_on_choice,
                                                  agree_all_loaded)
-from paddlerun.trainer.config import Config
-from paddlerun.trainer.env import WorkerEnv
+from paddlerun.trainer.rundir.config import Config
+from paddlerun.trainer.rundir.env import WorkerEnv
 from paddlerun.trainer.host_copy import HostBuffers
 from paddlerun.trainer.paddle_features import features
 

@@ -58,7 +58,7 @@ import paddle
 
 from paddlerun.trainer import state as tstate
 from paddlerun.trainer.checkpointer import Checkpointer
-from paddlerun.trainer.config import ConfigError, TrainConfig
+from paddlerun.trainer.rundir.config import ConfigError, TrainConfig
 from paddlerun.trainer.loop import Position
 from paddlerun.trainer.sampler import ResumableBatchSampler
 from paddlerun.trainer.script_mode import (DEFAULT_SEED, CheckpointTarget, SupervisorLink,

@@ -21,17 +21,17 @@ import paddle
 import paddle.distributed as dist
 
 from paddlerun.trainer import factories, sharding
-from paddlerun.trainer.config import Config
-from paddlerun.trainer.digest import params_digest
-from paddlerun.trainer.env import WorkerEnv
-from paddlerun.trainer.metrics import MetricsLog, write_json_atomic
+from paddlerun.trainer.rundir.config import Config
+from paddlerun.trainer.rundir.digest import params_digest
+from paddlerun.trainer.rundir.env import WorkerEnv
+from paddlerun.trainer.rundir.metrics import MetricsLog, write_json_atomic
 from paddlerun.trainer.progress import Progress, Throughput
 from paddlerun.trainer.rendezvous import wait_for_master
 from paddlerun.trainer.sampler import ResumableBatchSampler, shard_indices
 from paddlerun.trainer.device import select_device
-from paddlerun.trainer.errors import is_peer_failure
+from paddlerun.trainer.rundir.errors import is_peer_failure
 from paddlerun.trainer.grad_sync import GradientSync, all_reduce_sums, broadcast_parameters, connect_host_sum
-from paddlerun.trainer.heartbeat import lowest_live_rank
+from paddlerun.trainer.rundir.heartbeat import lowest_live_rank
 from paddlerun.trainer.signals import ignoring_sigterm
 from paddlerun.trainer.state import capture_rng, model_arrays
 

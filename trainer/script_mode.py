@@ -36,13 +36,14 @@ import numpy as np
 import paddle
 import paddle.distributed as dist
 
-from paddlerun.trainer import control, signals
-from paddlerun.trainer.config import Config, TrainConfig, config_from_dict
-from paddlerun.trainer.env import CHECKPOINT_DIR, WorkerEnv
-from paddlerun.trainer.events import EventLog
-from paddlerun.trainer.heartbeat import HeartbeatWriter
+from paddlerun.trainer import signals
+from paddlerun.trainer.rundir import control
+from paddlerun.trainer.rundir.config import Config, TrainConfig, config_from_dict
+from paddlerun.trainer.rundir.env import CHECKPOINT_DIR, WorkerEnv
+from paddlerun.trainer.rundir.events import EventLog
+from paddlerun.trainer.rundir.heartbeat import HeartbeatWriter
 from paddlerun.trainer.loop import Position
-from paddlerun.trainer.metrics import MetricsLog
+from paddlerun.trainer.rundir.metrics import MetricsLog
 
 __all__ = ["DEFAULT_SEED", "STOP_CHECK_EVERY", "CheckpointTarget", "SupervisorLink",
            "checkpoint_config", "checkpoint_directory", "script_env"]

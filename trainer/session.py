@@ -48,7 +48,7 @@ import paddle
 
 from paddlerun.trainer import state as tstate
 from paddlerun.trainer.checkpointer import Checkpointer, check_global_batch
-from paddlerun.trainer.config import TrainConfig
+from paddlerun.trainer.rundir.config import TrainConfig
 from paddlerun.trainer.loop import Position
 from paddlerun.trainer.sampler import ResumableBatchSampler
 from paddlerun.trainer.script_mode import (DEFAULT_SEED, CheckpointTarget, SupervisorLink,

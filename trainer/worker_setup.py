@@ -4,11 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict
 
-from paddlerun.trainer import control, sharding, signals
+from paddlerun.trainer import sharding, signals
+from paddlerun.trainer.rundir import control
 from paddlerun.trainer.checkpointer import Checkpointer
-from paddlerun.trainer.config import Config
-from paddlerun.trainer.env import WorkerEnv
-from paddlerun.trainer.events import EventLog
+from paddlerun.trainer.rundir.config import Config
+from paddlerun.trainer.rundir.env import WorkerEnv
+from paddlerun.trainer.rundir.events import EventLog
 from paddlerun.trainer.loop import Trainer
 
 

@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-from paddlerun.trainer.atomic_file import write_atomic
+from paddlerun.trainer.rundir.atomic_file import write_atomic
 
 STOP_FILE = Path("control") / "stop.json"
 
