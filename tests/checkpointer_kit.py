@@ -6,7 +6,7 @@ import paddle
 from paddlerun.trainer.checkpointer import Checkpointer
 from paddlerun.trainer.rundir.config import Config
 from paddlerun.trainer.rundir.env import WorkerEnv
-from paddlerun.trainer.loop import Position
+from paddlerun.trainer.agreement import Position
 
 
 @dataclasses.dataclass

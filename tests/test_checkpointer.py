@@ -11,7 +11,7 @@ from paddlerun.trainer import state as tstate
 from paddlerun.trainer.checkpoint import CheckpointError, CheckpointStore
 from paddlerun.trainer.checkpointer import PERSIST_NICE
 from paddlerun.trainer.rundir.events import EventLog, read_events
-from paddlerun.trainer.loop import Position
+from paddlerun.trainer.agreement import Position
 
 from checkpointer_kit import make_checkpointer as make, train_step
 

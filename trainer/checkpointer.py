@@ -35,6 +35,7 @@ import paddle
 import paddle.distributed as dist
 
 from paddlerun.trainer import state as tstate
+from paddlerun.trainer.agreement import Position
 from paddlerun.trainer.checkpoint.layout import (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, shard_file,
                                                  snapshot_name)
 from paddlerun.trainer.checkpoint import (CheckpointError, CheckpointStore, WriterBusyError,
@@ -439,7 +440,6 @@ class Checkpointer:
         Raises :class:`CheckpointError` when the snapshot is unusable (missing, corrupt, not
         the manifest expected) and :class:`~state.StateMismatch` when it is intact but does
         not fit this job (another world size, a changed model)."""
-        from paddlerun.trainer.loop import Position
         with self.store.reading(path) as info:
             if expect_manifest is not None and info.manifest_sha256 != expect_manifest:
                 raise CheckpointError(

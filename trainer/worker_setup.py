@@ -5,7 +5,6 @@ from pathlib import Path
 from typing import Dict
 
 from paddlerun.trainer import sharding, signals
-from paddlerun.trainer.rundir import control
 from paddlerun.trainer.checkpointer import Checkpointer
 from paddlerun.trainer.rundir.config import Config
 from paddlerun.trainer.rundir.env import WorkerEnv
@@ -21,10 +20,6 @@ def run_worker(config: Config, env: WorkerEnv, run_dir: Path, heartbeat=None) ->
     checkpointer = Checkpointer(config, env, checkpoint_dir, run_dir,
                                 sharded=sharding.enabled(config.train.sharded_optimizer, env.world_size),
                                 events=events)
-
-    def stop_requested() -> bool:
-        return signals.stop_signalled() or control.stop_requested(run_dir)
-
     trainer = Trainer(config, env, run_dir, checkpointer=checkpointer, heartbeat=heartbeat,
-                      stop_requested=stop_requested)
+                      watch_sigterm=True)
     return trainer.fit()
