@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from paddlerun.trainer.atomic_file import write_atomic
+from paddlerun.trainer.rundir.atomic_file import write_atomic
 
 DATA = json.dumps({"rank": 0, "pid": 12345, "create_time": 1.7e9, "step": 1234, "time": 1.7e9,
                    "step_time": 1.7e9, "attempt": 0, "host": "node-1", "phase": "train"}).encode()

@@ -95,9 +95,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import psutil
 
 from paddlerun.trainer.checkpoint import CheckpointStore
-from paddlerun.trainer.events import read_events
-from paddlerun.trainer.heartbeat import Heartbeat, read_heartbeats
-from paddlerun.trainer.process_identity import ProcessIdentity
+from paddlerun.trainer.rundir.events import read_events
+from paddlerun.trainer.rundir.heartbeat import Heartbeat, read_heartbeats
+from paddlerun.trainer.rundir.process_identity import ProcessIdentity
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "mnist_lenet.yaml"

@@ -73,9 +73,9 @@ import paddle
 from paddlerun.trainer import state as tstate
 from paddlerun.trainer.checkpoint.atomic import CHUNK, start_writeback
 from paddlerun.trainer.checkpointer import Checkpointer
-from paddlerun.trainer.config import TrainConfig, config_from_dict
-from paddlerun.trainer.env import WorkerEnv
-from paddlerun.trainer.loop import Position
+from paddlerun.trainer.rundir.config import TrainConfig, config_from_dict
+from paddlerun.trainer.rundir.env import WorkerEnv
+from paddlerun.trainer.agreement import Position
 from table import print_table  # bench/table.py: scripts here run with bench/ on sys.path
 
 REPO = Path(__file__).resolve().parent.parent

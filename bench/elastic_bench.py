@@ -36,8 +36,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 from etcd_server import EtcdServer  # noqa: E402
 from helpers import command, kill_node, wait_for  # noqa: E402
-from paddlerun.trainer.events import read_events  # noqa: E402
-from paddlerun.trainer.metrics import read_metrics  # noqa: E402
+from paddlerun.trainer.rundir.events import read_events  # noqa: E402
+from paddlerun.trainer.rundir.metrics import read_metrics  # noqa: E402
 
 TTL = 2
 SETS = ["launch.nproc_per_node=1", "launch.nnodes=1:2", "train.log_every_steps=1",

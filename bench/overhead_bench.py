@@ -53,7 +53,7 @@ from typing import Dict, List
 
 from procs import stop  # bench/procs.py: scripts here run with bench/ on sys.path
 from table import print_table
-from paddlerun.trainer.metrics import read_metrics
+from paddlerun.trainer.rundir.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "mnist_lenet.yaml"

@@ -68,8 +68,8 @@ import psutil
 
 import table  # bench/table.py: scripts here run with bench/ on sys.path
 from chaos import processes_of  # never this process or its ancestors
-from paddlerun.trainer.events import read_events
-from paddlerun.trainer.metrics import read_metrics
+from paddlerun.trainer.rundir.events import read_events
+from paddlerun.trainer.rundir.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "mnist_lenet.yaml"

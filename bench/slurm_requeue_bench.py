@@ -38,7 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 from slurm_cluster import SlurmCluster  # noqa: E402
-from paddlerun.trainer.events import read_events  # noqa: E402
+from paddlerun.trainer.rundir.events import read_events  # noqa: E402
 
 SETS = ["job.name=bench", "train.max_steps=2000", "train.log_every_steps=1", "checkpoint.every_steps=50",
         "supervisor.heartbeat_interval_s=0.25", "supervisor.preempt_grace_s=30",

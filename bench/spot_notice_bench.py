@@ -37,7 +37,7 @@ from procs import stop
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 from metadata_servers import MetadataServer  # noqa: E402  (the tests' fake IMDSv2)
-from paddlerun.trainer.events import read_events  # noqa: E402
+from paddlerun.trainer.rundir.events import read_events  # noqa: E402
 
 MB = 1e6
 

@@ -63,7 +63,7 @@ import psutil
 from overhead_bench import CONFIG, GLOBAL_BATCH, PLAIN, REPO, VARIANTS, spread
 from procs import stop  # bench/procs.py: scripts here run with bench/ on sys.path
 from table import print_table
-from paddlerun.trainer.metrics import read_metrics
+from paddlerun.trainer.rundir.metrics import read_metrics
 
 Record = Tuple[int, float]  # (step, time.time() after it)
 

@@ -27,7 +27,7 @@ from safetensors.numpy import load_file
 
 import table  # bench/table.py: scripts here run with bench/ on sys.path
 from paddlerun.trainer.checkpoint import CheckpointStore
-from paddlerun.trainer.metrics import read_metrics
+from paddlerun.trainer.rundir.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 COMMON = ["train.global_batch_size=48", "train.epochs=20", "checkpoint.every_steps=50",

@@ -49,7 +49,7 @@ def cmd_k8s(args, script_args: List[str]) -> int:
         raise UsageError("`paddlerun k8s` takes no arguments after '--'")
     from paddlerun.cluster import k8s_manifest
     from paddlerun.launcher.cli import find_config
-    from paddlerun.trainer.config import load_config
+    from paddlerun.trainer.rundir.config import load_config
 
     config = load_config(find_config(args.config), args.set)
     optional = {"master_port": args.master_port, "backoff_limit": args.backoff_limit}

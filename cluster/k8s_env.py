@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from typing import List, Mapping
 
-from paddlerun.trainer.config import ConfigError
+from paddlerun.trainer.rundir.config import ConfigError
 
 NNODES = "PADDLERUN_K8S_NNODES"
 MASTER = "PADDLERUN_K8S_MASTER"

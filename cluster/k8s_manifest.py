@@ -24,7 +24,7 @@ import yaml
 
 from paddlerun.cluster import k8s_env
 from paddlerun.launcher.exit_codes import BAD_CONFIG, REQUEUE
-from paddlerun.trainer.config import Config, config_from_dict
+from paddlerun.trainer.rundir.config import Config, config_from_dict
 
 CONTAINER = "trainer"
 CONFIG_DIR = "/etc/paddlerun"

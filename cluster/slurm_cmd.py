@@ -48,8 +48,8 @@ def run(args, extra_sbatch: List[str]) -> int:
     from paddlerun.cluster.slurm_script import BatchJob, render, warning_seconds
     from paddlerun.launcher.cli import find_config
     from paddlerun.launcher.status_cmd import snapshot_cost
-    from paddlerun.trainer.config import load_config
-    from paddlerun.trainer.events import read_events
+    from paddlerun.trainer.rundir.config import load_config
+    from paddlerun.trainer.rundir.events import read_events
 
     if args.nodes < 1:
         raise UsageError(f"--nodes {args.nodes}: give at least 1")

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from paddlerun.cluster.slurm_status import show_job
-from paddlerun.trainer.events import EventLog, read_events
+from paddlerun.trainer.rundir.events import EventLog, read_events
 
 
 @dataclass(frozen=True)

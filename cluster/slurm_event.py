@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from paddlerun.trainer.events import EventLog
+from paddlerun.trainer.rundir.events import EventLog
 
 
 def value(text: str):

@@ -30,8 +30,8 @@ from paddlerun.cluster.slurm import SlurmError, SlurmPlace, master_address, plac
 from paddlerun.launcher.restart_policy import Failure, FailureKind
 from paddlerun.launcher.scheduler import NoScheduler, StopNotice
 from paddlerun.launcher.usage import UsageError
-from paddlerun.trainer.config import Config
-from paddlerun.trainer.events import read_events
+from paddlerun.trainer.rundir.config import Config
+from paddlerun.trainer.rundir.events import read_events
 
 #: Written by the batch script when Slurm signals it (cluster/slurm_script.py).
 NOTICE_FILE = Path("control") / "scheduler.json"

@@ -14,7 +14,7 @@ import paddle
 import paddle.distributed as dist
 
 from paddlerun.trainer.data import mnist
-from paddlerun.trainer.digest import params_digest
+from paddlerun.trainer.rundir.digest import params_digest
 from paddlerun.trainer.models import LeNet
 from paddlerun.trainer.session import Session  # paddlerun
 

@@ -19,7 +19,7 @@ from paddle.static import InputSpec
 from paddle.vision.models import LeNet
 
 from paddlerun.trainer.data import mnist  # paddlerun: local MNIST (paddle's MNIST downloads it)
-from paddlerun.trainer.digest import params_digest
+from paddlerun.trainer.rundir.digest import params_digest
 from paddlerun.trainer.hapi import Checkpoint  # paddlerun
 
 parser = argparse.ArgumentParser(description=__doc__,

@@ -282,7 +282,7 @@ def newest_complete(target: Target) -> Path:
 
 def cmd_digest(args: argparse.Namespace) -> int:
     from paddlerun.launcher.ckpt_export import MODEL_FILE
-    from paddlerun.trainer.digest import params_digest
+    from paddlerun.trainer.rundir.digest import params_digest
 
     path = newest_complete(locate(args.path))
     with CheckpointStore(path.parent).reading(path) as info:

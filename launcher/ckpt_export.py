@@ -38,7 +38,7 @@ from typing import Any, Dict, List, Mapping
 import numpy as np
 
 from paddlerun.trainer.checkpoint import CheckpointError, SnapshotInfo
-from paddlerun.trainer.atomic_file import atomic_write
+from paddlerun.trainer.rundir.atomic_file import atomic_write
 from paddlerun.trainer.checkpoint.layout import (MODEL_FILE, OPTIMIZER_FILE, SHARD_PATTERN,
                                                  STATE_FILE)
 

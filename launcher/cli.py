@@ -17,7 +17,7 @@ from paddlerun.cluster import k8s_cmd, k8s_env, slurm_cmd
 from paddlerun.launcher import doctor_cmd, early_signals, preflight
 from paddlerun.launcher.exit_codes import BAD_CONFIG, FAILED
 from paddlerun.launcher.usage import UsageError
-from paddlerun.trainer.config import Config, ConfigError, load_config
+from paddlerun.trainer.rundir.config import Config, ConfigError, load_config
 
 log = logging.getLogger("paddlerun")
 

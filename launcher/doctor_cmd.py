@@ -24,9 +24,9 @@ from typing import List, Optional
 from paddlerun.launcher import render
 from paddlerun.launcher.exit_codes import FAILED, SUCCESS
 from paddlerun.launcher.launch import resolve_nproc, visible_gpus
-from paddlerun.trainer import paddle_build
+from paddlerun.trainer.rundir import paddle_build
 from paddlerun.trainer.checkpoint import CheckpointStore
-from paddlerun.trainer.config import Config, etcd_endpoints
+from paddlerun.trainer.rundir.config import Config, etcd_endpoints
 
 #: How long to wait for the master's port to answer (a worker node's check only).
 CONNECT_TIMEOUT_S = 2.0

@@ -20,7 +20,7 @@ from typing import Callable, List, Optional, Tuple
 from paddlerun.cluster.etcd_client import Etcd, EtcdUnavailable
 from paddlerun.cluster.membership import (Generation, Member, Membership, NodeState, View,
                                           ready_in_join_order)
-from paddlerun.trainer.config import Config, etcd_endpoints
+from paddlerun.trainer.rundir.config import Config, etcd_endpoints
 
 log = logging.getLogger("paddlerun.supervisor")
 

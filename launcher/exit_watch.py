@@ -20,7 +20,7 @@ import select
 import signal
 from typing import Dict, Optional, Tuple
 
-from paddlerun.trainer.process_identity import ProcessIdentity
+from paddlerun.trainer.rundir.process_identity import ProcessIdentity
 
 
 class ExitWatch:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Dict, Mapping
 
-from paddlerun.trainer.config import Config
+from paddlerun.trainer.rundir.config import Config
 
 #: Bit-exact resume on GPUs needs kernels that give the same bits every run: cuDNN picks
 #: deterministic algorithms (no autotuning, no atomics-based backward), embedding gradients

@@ -4,10 +4,11 @@ Paddle's launcher lets environment variables override its flags
 (docs/paddle-behaviour.md#the-launcher): an inherited ``PADDLE_TRAINER_ID`` or
 ``PADDLE_MASTER`` silently changes the job. So
 the environment handed to it is scrubbed of every ``PADDLE_*`` and ``POD_*``
-variable, then given paddlerun's own ``PADDLERUN_*`` ones (see ``trainer/env.py``).
+variable, then given paddlerun's own ``PADDLERUN_*`` ones (see ``trainer/rundir/env.py``).
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -17,9 +18,9 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
 from paddlerun.launcher import gpu_env
-from paddlerun.trainer import env as worker_env
-from paddlerun.trainer.config import Config
-from paddlerun.trainer.process_identity import ProcessIdentity
+from paddlerun.trainer.rundir import env as worker_env
+from paddlerun.trainer.rundir.config import Config
+from paddlerun.trainer.rundir.process_identity import ProcessIdentity
 
 CPU_WORKERS_DEFAULT = 2
 _SCRUBBED_PREFIXES = ("PADDLE_", "POD_", "PADDLERUN_")
@@ -125,9 +126,8 @@ def scrub(base: Mapping[str, str]) -> Dict[str, str]:
 
 
 def worker_script() -> Path:
-    """``trainer/worker.py`` of the installed package, found without importing paddle."""
-    import paddlerun.trainer
-    return Path(paddlerun.trainer.__file__).resolve().parent / "worker.py"
+    """``trainer/worker.py`` of the installed package: located, not imported (it imports paddle)."""
+    return Path(importlib.util.find_spec("paddlerun.trainer.worker").origin).resolve()
 
 
 def resolve_nproc(nproc, device: str) -> int:

@@ -1,7 +1,7 @@
 """Processes an earlier supervisor of the same run directory left running: find them, stop them.
 
 A supervisor that is SIGKILLed (or OOM-killed) cannot tear its tree down. Its workers notice
-within a heartbeat interval and exit (trainer/heartbeat.py), but a rerun started at once, or a
+within a heartbeat interval and exit (trainer/rundir/heartbeat.py), but a rerun started at once, or a
 worker that is SIGSTOPped or stuck, would still meet them: two trees training the same job,
 the second refused the checkpoint directory (``WriterBusyError``). So before its first attempt
 a supervisor looks for live processes whose environment names its run directory (every
@@ -23,8 +23,8 @@ from typing import List
 import psutil
 
 from paddlerun.launcher.process_tree import signal_processes
-from paddlerun.trainer import env as worker_env
-from paddlerun.trainer.process_identity import ProcessIdentity, process_table
+from paddlerun.trainer.rundir import env as worker_env
+from paddlerun.trainer.rundir.process_identity import ProcessIdentity, process_table
 
 _POLL_S = 0.05
 

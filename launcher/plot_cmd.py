@@ -24,9 +24,9 @@ from typing import Dict, List, Optional, Tuple
 
 from paddlerun.launcher.usage import UsageError
 from paddlerun.launcher.exit_codes import FAILED, SUCCESS
-from paddlerun.trainer.atomic_file import atomic_write
-from paddlerun.trainer.events import read_events
-from paddlerun.trainer.metrics import read_metrics
+from paddlerun.trainer.rundir.atomic_file import atomic_write
+from paddlerun.trainer.rundir.events import read_events
+from paddlerun.trainer.rundir.metrics import read_metrics
 
 INSTALL_HINT = "pip install 'paddlerun[plot]'"
 

@@ -8,8 +8,8 @@ import importlib.util
 from pathlib import Path
 
 from paddlerun.launcher.usage import UsageError
-from paddlerun.trainer import paddle_build
-from paddlerun.trainer.config import BUILTIN_FACTORIES, Config, ConfigError
+from paddlerun.trainer.rundir import paddle_build
+from paddlerun.trainer.rundir.config import BUILTIN_FACTORIES, Config, ConfigError
 
 
 def check(config: Config, nproc_per_node: int, script_mode: bool = False) -> None:

@@ -39,7 +39,7 @@ from typing import Dict, IO, Iterable, List, Optional, Set, Tuple, Union
 
 import psutil
 
-from paddlerun.trainer.process_identity import ProcessIdentity, TICKS_PER_S, process_table, ticks_now
+from paddlerun.trainer.rundir.process_identity import ProcessIdentity, TICKS_PER_S, process_table, ticks_now
 
 __all__ = [
     "ProcessTree",

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Optional, Sequence
 
-from paddlerun.trainer.config import SupervisorConfig
+from paddlerun.trainer.rundir.config import SupervisorConfig
 
 #: Consecutive attempts that fail the same way before their first step: the fault is
 #: in the job (a bad import, a broken install), not the machine; restarting won't help.

@@ -18,8 +18,8 @@ from typing import Dict, Mapping, Optional
 from paddlerun.launcher.console_log import tail_lines
 from paddlerun.launcher.process_tree import describe_exit
 from paddlerun.launcher.restart_policy import Failure, FailureKind
-from paddlerun.trainer.errors import ErrorRecord, peer_failure_in_log, read_errors
-from paddlerun.trainer.heartbeat import NO_HEARTBEAT
+from paddlerun.trainer.rundir.errors import ErrorRecord, peer_failure_in_log, read_errors
+from paddlerun.trainer.rundir.heartbeat import NO_HEARTBEAT
 
 _CONTAINER_FAILED = re.compile(r"Container rank (\d+) status failed .*? code (-?\d+)")
 LOG_TAIL_LINES = 20

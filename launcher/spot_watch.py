@@ -25,9 +25,9 @@ from typing import Optional
 
 from paddlerun.cluster import spot_notice
 from paddlerun.cluster.spot_notice import MetadataError, Notice
-from paddlerun.trainer.config import SupervisorConfig
-from paddlerun.trainer.events import read_events
-from paddlerun.trainer.metrics import read_metrics
+from paddlerun.trainer.rundir.config import SupervisorConfig
+from paddlerun.trainer.rundir.events import read_events
+from paddlerun.trainer.rundir.metrics import read_metrics
 
 log = logging.getLogger("paddlerun.supervisor")
 

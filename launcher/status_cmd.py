@@ -32,9 +32,9 @@ from paddlerun.cluster.slurm_status import line as slurm_line, slurm_status
 from paddlerun.launcher import render
 from paddlerun.launcher.usage import UsageError
 from paddlerun.launcher.exit_codes import SUCCESS
-from paddlerun.trainer.events import read_events
-from paddlerun.trainer.heartbeat import read_heartbeats
-from paddlerun.trainer.process_identity import ProcessIdentity
+from paddlerun.trainer.rundir.events import read_events
+from paddlerun.trainer.rundir.heartbeat import read_heartbeats
+from paddlerun.trainer.rundir.process_identity import ProcessIdentity
 
 #: The supervisor's state after each event it writes (launcher/supervisor.py); the other
 #: events (``teardown``, the workers' ``snapshot_committed``) do not change it.

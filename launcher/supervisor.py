@@ -31,13 +31,13 @@ from paddlerun.launcher.process_tree import ProcessTree, become_subreaper
 from paddlerun.launcher.restart_policy import Failure, FailureKind, RestartPolicy
 from paddlerun.launcher.scheduler import NoScheduler, StopNotice
 from paddlerun.launcher.spot_watch import SpotWatch, resolve_provider
-from paddlerun.trainer import control
+from paddlerun.trainer.rundir import control
 from paddlerun.trainer.checkpoint import CheckpointStore
-from paddlerun.trainer.config import dump_config
-from paddlerun.trainer.events import EventLog, read_events
-from paddlerun.trainer.heartbeat import clear_heartbeats, heartbeat_path, read_heartbeats, stale_ranks
-from paddlerun.trainer.metrics import write_json_atomic
-from paddlerun.trainer.process_identity import ProcessIdentity
+from paddlerun.trainer.rundir.config import dump_config
+from paddlerun.trainer.rundir.events import EventLog, read_events
+from paddlerun.trainer.rundir.heartbeat import clear_heartbeats, heartbeat_path, read_heartbeats, stale_ranks
+from paddlerun.trainer.rundir.metrics import write_json_atomic
+from paddlerun.trainer.rundir.process_identity import ProcessIdentity
 
 log = logging.getLogger("paddlerun.supervisor")
 

@@ -4,9 +4,9 @@ import dataclasses
 import paddle
 
 from paddlerun.trainer.checkpointer import Checkpointer
-from paddlerun.trainer.config import Config
-from paddlerun.trainer.env import WorkerEnv
-from paddlerun.trainer.loop import Position
+from paddlerun.trainer.rundir.config import Config
+from paddlerun.trainer.rundir.env import WorkerEnv
+from paddlerun.trainer.agreement import Position
 
 
 @dataclasses.dataclass

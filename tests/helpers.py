@@ -157,7 +157,7 @@ def summary(run_dir: Path) -> dict:
 
 
 def events(run_dir: Path) -> List[dict]:
-    from paddlerun.trainer.events import read_events
+    from paddlerun.trainer.rundir.events import read_events
     return read_events(run_dir / "events.jsonl")
 
 

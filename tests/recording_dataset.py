@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from paddlerun.trainer.data import mnist
-from paddlerun.trainer.env import WorkerEnv
+from paddlerun.trainer.rundir.env import WorkerEnv
 
 
 #: Seconds each sample takes to read (``RECORDING_SAMPLE_DELAY_S``): slows the steps, so a

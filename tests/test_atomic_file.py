@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from helpers import wait_for
-from paddlerun.trainer.atomic_file import atomic_write, temp_path, write_atomic
+from paddlerun.trainer.rundir.atomic_file import atomic_write, temp_path, write_atomic
 
 
 def test_replaces_the_file_and_leaves_nothing_else(tmp_path):
@@ -39,7 +39,7 @@ def test_a_process_killed_while_writing_leaves_the_old_file_whole(tmp_path):
     path.write_text("old")
     writer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import time
-        from paddlerun.trainer.atomic_file import atomic_write
+        from paddlerun.trainer.rundir.atomic_file import atomic_write
         with atomic_write({str(path)!r}, durable=True) as f:
             f.write(b"x" * 1000)
             f.flush()
@@ -91,15 +91,15 @@ def traced(tmp_path, code):
 
 
 WRITERS = {  # writer: (code writing tmp_path/NAME, NAME, durable?)
-    "write_atomic-durable": ("from paddlerun.trainer.atomic_file import write_atomic; "
+    "write_atomic-durable": ("from paddlerun.trainer.rundir.atomic_file import write_atomic; "
                              "write_atomic(D / 'out.bin', b'data', durable=True)", "out.bin", True),
-    "write_atomic-not-durable": ("from paddlerun.trainer.atomic_file import write_atomic; "
+    "write_atomic-not-durable": ("from paddlerun.trainer.rundir.atomic_file import write_atomic; "
                                  "write_atomic(D / 'out.bin', b'data', durable=False)", "out.bin", False),
-    "summary.json": ("from paddlerun.trainer.metrics import write_json_atomic; "
+    "summary.json": ("from paddlerun.trainer.rundir.metrics import write_json_atomic; "
                      "write_json_atomic(D / 'summary.json', {'status': 'succeeded'})", "summary.json", True),
-    "heartbeat": ("from paddlerun.trainer.heartbeat import HeartbeatWriter; "
+    "heartbeat": ("from paddlerun.trainer.rundir.heartbeat import HeartbeatWriter; "
                   "HeartbeatWriter(D, 0, 60).start()", "rank-0.json", False),
-    "stop-request": ("from paddlerun.trainer import control; control.request_stop(D, 'SIGTERM')",
+    "stop-request": ("from paddlerun.trainer.rundir import control; control.request_stop(D, 'SIGTERM')",
                      "stop.json", False),
 }
 

@@ -10,9 +10,9 @@ import pytest
 from paddlerun.trainer import state as tstate
 from paddlerun.trainer.checkpoint import CheckpointError, CheckpointStore, StaleGenerationError
 from paddlerun.trainer.checkpointer import PERSIST_NICE
-from paddlerun.trainer.errors import is_retriable
-from paddlerun.trainer.events import EventLog, read_events
-from paddlerun.trainer.loop import Position
+from paddlerun.trainer.rundir.errors import is_retriable
+from paddlerun.trainer.rundir.events import EventLog, read_events
+from paddlerun.trainer.agreement import Position
 
 from checkpointer_kit import make_checkpointer as make, train_step
 

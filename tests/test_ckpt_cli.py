@@ -24,7 +24,7 @@ from safetensors.numpy import load_file
 from helpers import REPO, assert_no_leftovers, run, summary
 from paddlerun.launcher.cli import main
 from paddlerun.trainer.checkpoint import CheckpointStore
-from paddlerun.trainer.digest import params_digest
+from paddlerun.trainer.rundir.digest import params_digest
 
 slow = pytest.mark.slow
 
@@ -275,7 +275,7 @@ import numpy as np
 import paddle
 from paddle.utils import unique_name
 from safetensors.numpy import load_file
-from paddlerun.trainer.digest import params_digest
+from paddlerun.trainer.rundir.digest import params_digest
 from paddlerun.trainer.models import LeNet
 from paddlerun.trainer import state as tstate
 

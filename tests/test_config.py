@@ -1,7 +1,7 @@
 """Config loading: good input, every kind of bad input and the message it gets."""
 import pytest
 
-from paddlerun.trainer.config import Config, ConfigError, dump_config, load_config
+from paddlerun.trainer.rundir.config import Config, ConfigError, dump_config, load_config
 
 
 def write(tmp_path, text, name="c.yaml"):
@@ -77,7 +77,7 @@ def test_config_hash_ignores_budgets_but_not_the_model(tmp_path):
 
 def test_builtin_factory_names_match_their_implementations():
     from paddlerun.trainer import factories
-    from paddlerun.trainer.config import BUILTIN_FACTORIES
+    from paddlerun.trainer.rundir.config import BUILTIN_FACTORIES
     assert tuple(factories.OPTIMIZERS) == BUILTIN_FACTORIES["optimizer"]
     assert tuple(factories.LR_SCHEDULES) == BUILTIN_FACTORIES["lr_schedule"]
     assert tuple(factories.LOSSES) == BUILTIN_FACTORIES["loss"]
@@ -89,7 +89,7 @@ def test_extra_args_may_not_repeat_any_flag_paddlerun_passes(tmp_path):
     # LAUNCH_FLAGS is what config validation refuses in launch.extra_args: it must cover
     # every flag LaunchSpec puts before the script, multi-node included.
     from paddlerun.launcher.launch import LaunchSpec
-    from paddlerun.trainer.config import LAUNCH_FLAGS, config_from_dict
+    from paddlerun.trainer.rundir.config import LAUNCH_FLAGS, config_from_dict
     config = config_from_dict({"launch": {"nproc_per_node": 2, "nnodes": 2, "master": "127.0.0.1:1"}})
     argv = LaunchSpec(config=config, run_dir=tmp_path).argv(0)
     script = next(i for i, a in enumerate(argv) if a.endswith("worker.py"))

@@ -5,7 +5,7 @@
 - every ``docs/...`` page or image that code, tests, benches or examples mention exists
   (and the heading, when the mention ends in ``#heading``);
 - nothing cites notes that are not in the repository;
-- docs/config.md is what ``python -m paddlerun.trainer.config_doc`` prints;
+- docs/config.md is what ``python -m paddlerun.trainer.rundir.config_doc`` prints;
 - the README stays short enough to read in five minutes (at most 20 KB).
 """
 import os
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from paddlerun.trainer import config_doc
+from paddlerun.trainer.rundir import config_doc
 
 ROOT = Path(__file__).resolve().parent.parent
 README_LIMIT_BYTES = 20 * 1024
@@ -114,7 +114,7 @@ def test_nothing_cites_notes_outside_the_repository():
 def test_config_reference_is_current():
     current = (ROOT / "docs" / "config.md").read_text(encoding="utf-8")
     assert current == config_doc.render(), (
-        f"docs/config.md is not what trainer/config.py says; regenerate it with\n"
+        f"docs/config.md is not what trainer/rundir/config.py says; regenerate it with\n"
         f"    {config_doc.COMMAND}")
 
 

@@ -6,7 +6,7 @@ import sys
 import time
 
 from helpers import assert_no_leftovers, events, killed_on_error, start, wait, wait_for
-from paddlerun.trainer.process_identity import ProcessIdentity
+from paddlerun.trainer.rundir.process_identity import ProcessIdentity
 
 
 def test_sigterm_while_leftovers_are_stopped_exits_75(tmp_path):

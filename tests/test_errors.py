@@ -5,8 +5,8 @@ import pytest
 
 from paddlerun.launcher import root_cause
 from paddlerun.launcher.restart_policy import FailureKind
-from paddlerun.trainer.config import ConfigError
-from paddlerun.trainer.errors import (ErrorRecord, NotRetriable, PeerFailure, error_dir,
+from paddlerun.trainer.rundir.config import ConfigError
+from paddlerun.trainer.rundir.errors import (ErrorRecord, NotRetriable, PeerFailure, error_dir,
                                       is_peer_failure, is_retriable, read_errors, write_error)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from paddlerun.trainer.events import MAX_LINE_BYTES, EventLog, read_events
+from paddlerun.trainer.rundir.events import MAX_LINE_BYTES, EventLog, read_events
 
 
 def test_emit_and_read_back(tmp_path):
@@ -98,7 +98,7 @@ def test_torn_last_line_is_skipped(tmp_path, capsys):
 
 APPENDER = r"""
 import sys
-from paddlerun.trainer.events import EventLog
+from paddlerun.trainer.rundir.events import EventLog
 path, writer, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 log = EventLog(path)
 for i in range(n):

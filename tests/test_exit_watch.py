@@ -7,7 +7,7 @@ import time
 import pytest
 
 from paddlerun.launcher.exit_watch import ExitWatch
-from paddlerun.trainer.process_identity import ProcessIdentity
+from paddlerun.trainer.rundir.process_identity import ProcessIdentity
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="no pidfds on this system")
 

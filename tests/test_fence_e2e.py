@@ -14,7 +14,7 @@ import pytest
 
 from helpers import REPO, assert_no_leftovers, events, killed_on_error, start, wait, wait_for
 from paddlerun.trainer.checkpoint import CheckpointStore, inspect_snapshot
-from paddlerun.trainer.process_identity import ProcessIdentity
+from paddlerun.trainer.rundir.process_identity import ProcessIdentity
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,7 @@ import pytest
 
 from paddlerun.trainer.checkpoint import (CheckpointError, CheckpointStore, StaleGenerationError,
                                           WriterBusyError, inspect_snapshot)
-from paddlerun.trainer.errors import is_retriable
+from paddlerun.trainer.rundir.errors import is_retriable
 
 
 @pytest.fixture
@@ -76,7 +76,7 @@ STALE_COMMITTER = """if True:
     import json, sys, time
     from pathlib import Path
     from paddlerun.trainer.checkpoint import CheckpointStore
-    from paddlerun.trainer.errors import is_retriable
+    from paddlerun.trainer.rundir.errors import is_retriable
     directory, step, generation, staged, go, out = sys.argv[1:]
     store = CheckpointStore(directory, lock_timeout_s=30)
     staging = store.stage(int(step))

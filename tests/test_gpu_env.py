@@ -5,7 +5,7 @@ from pathlib import Path
 from helpers import CONFIG
 from paddlerun.launcher import gpu_env
 from paddlerun.launcher.launch import LaunchSpec
-from paddlerun.trainer.config import load_config
+from paddlerun.trainer.rundir.config import load_config
 
 
 def _spec(tmp_path, *sets):

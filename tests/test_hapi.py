@@ -105,7 +105,7 @@ def test_killed_then_run_again_gives_identical_parameters(tmp_path, reference):
     info = CheckpointStore(tmp_path / "checkpoints").newest_complete(verify=True)
     assert info.step == TOTAL and set(info.files) == {"model.safetensors", "optimizer.safetensors",
                                                        "trainer_state.json"}
-    from paddlerun.trainer.digest import params_digest
+    from paddlerun.trainer.rundir.digest import params_digest
     assert params_digest(info.read_tensors("model.safetensors")) == digest
     state = info.read_json("trainer_state.json")
     assert (state["epoch"], state["batch"]) == divmod(TOTAL, STEPS_PER_EPOCH)
@@ -191,7 +191,7 @@ class EvalBatches(paddle.callbacks.Callback):
 def fit(data, directory, epochs=3, max_steps=None, every_steps=4, **kwargs):
     """Train the tutorial's model, with dropout and a step-decayed LR that hapi's own
     LRScheduler callback advances every batch; returns (digest, eval batch counts)."""
-    from paddlerun.trainer.digest import params_digest
+    from paddlerun.trainer.rundir.digest import params_digest
     from paddlerun.trainer.hapi import Checkpoint
     paddle.seed(11)
     # Optimizer state is keyed by names (parameters', and its accumulators' made at the first
@@ -244,8 +244,8 @@ def test_epoch_end_snapshots_without_a_schedule(data, tmp_path):
 
 
 def test_script_mode_stop_request_snapshots_and_ends_fit(data, tmp_path, monkeypatch):
-    from paddlerun.trainer import control
-    from paddlerun.trainer.heartbeat import read_heartbeats
+    from paddlerun.trainer.rundir import control
+    from paddlerun.trainer.rundir.heartbeat import read_heartbeats
     monkeypatch.setenv("PADDLERUN_RUN_DIR", str(tmp_path))  # what the supervisor sets
     monkeypatch.setenv("PADDLERUN_CHECKPOINT_DIR", str(tmp_path / "checkpoints"))
     control.request_stop(tmp_path, reason="SIGTERM")
@@ -271,7 +271,7 @@ def test_fit_on_the_dataset_instead_of_the_loader_is_refused(data, tmp_path):
 
 
 def test_resume_false_refuses_a_directory_with_snapshots(data, tmp_path):
-    from paddlerun.trainer.config import ConfigError
+    from paddlerun.trainer.rundir.config import ConfigError
     fit(data, tmp_path, epochs=1, max_steps=4)
     with pytest.raises(ConfigError, match="resume=False.*step-00000004"):
         fit(data, tmp_path, epochs=1, resume=False)

@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from paddlerun.trainer.heartbeat import (
+from paddlerun.trainer.rundir.heartbeat import (
     SUPERVISOR_GONE_EXIT_CODE,
     Heartbeat,
     HeartbeatWriter,
@@ -22,7 +22,7 @@ from paddlerun.trainer.heartbeat import (
     read_heartbeats,
     stale_ranks,
 )
-from paddlerun.trainer.process_identity import ProcessIdentity
+from paddlerun.trainer.rundir.process_identity import ProcessIdentity
 
 INTERVAL = 0.1
 HANG = 1.0
@@ -32,7 +32,7 @@ HANG = 1.0
 # the thread keeps beating), "slow:P" (a step every P seconds).
 WRITER = r"""
 import sys, time
-from paddlerun.trainer.heartbeat import HeartbeatWriter
+from paddlerun.trainer.rundir.heartbeat import HeartbeatWriter
 directory, mode, interval = sys.argv[1], sys.argv[2], float(sys.argv[3])
 hb = HeartbeatWriter(directory, rank=0, interval_s=interval, attempt=1).start()
 deadline = time.monotonic() + 30   # never outlive a broken test by much
@@ -286,8 +286,8 @@ def test_a_writer_whose_supervisor_is_gone_exits_its_process(tmp_path):
     identity = ProcessIdentity.of(supervisor.pid)
     worker = subprocess.Popen(
         [sys.executable, "-c", "import sys, time\n"
-         "from paddlerun.trainer.heartbeat import HeartbeatWriter\n"
-         "from paddlerun.trainer.process_identity import ProcessIdentity\n"
+         "from paddlerun.trainer.rundir.heartbeat import HeartbeatWriter\n"
+         "from paddlerun.trainer.rundir.process_identity import ProcessIdentity\n"
          f"HeartbeatWriter(sys.argv[1], 0, 0.1, supervisor=ProcessIdentity.parse({str(identity)!r})).start()\n"
          "print('training', flush=True)\n"
          "while True: time.sleep(0.01)  # the main thread never looks\n",

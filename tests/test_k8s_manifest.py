@@ -18,7 +18,7 @@ from paddlerun.launcher import cli
 from paddlerun.launcher.exit_codes import BAD_CONFIG, REQUEUE
 from paddlerun.launcher.process_tree import ProcessTree
 from paddlerun.launcher.supervisor import TEARDOWN_TERM_S
-from paddlerun.trainer.config import ConfigError, load_config
+from paddlerun.trainer.rundir.config import ConfigError, load_config
 
 #: Option combinations, each rendered and validated.
 CASES = {

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from paddlerun.launcher.leftovers import find_leftovers, stop_leftovers
-from paddlerun.trainer.process_identity import ProcessIdentity
+from paddlerun.trainer.rundir.process_identity import ProcessIdentity
 
 
 def sleeper(run_dir, supervisor):

@@ -9,7 +9,7 @@ import pytest
 from etcd_server import EtcdServer, etcd_missing
 from paddlerun.cluster.membership import Generation
 from paddlerun.launcher.elastic import ElasticNode, TooFewNodes
-from paddlerun.trainer.config import ConfigError, config_from_dict, load_config
+from paddlerun.trainer.rundir.config import ConfigError, config_from_dict, load_config
 
 pytestmark = [pytest.mark.etcd,
               pytest.mark.skipif(etcd_missing() is not None, reason=str(etcd_missing()))]

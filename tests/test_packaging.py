@@ -5,6 +5,9 @@ in the source tree and in a (lenient) editable install, and is silently missing 
 wheel, where the first import of it fails.
 """
 import configparser
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,3 +26,23 @@ def test_every_subpackage_is_in_the_wheel():
     missing = sorted(present - listed)
     assert not missing, (f"setup.cfg [options] packages lacks {missing}: add them, or the wheel "
                          f"ships without them")
+
+
+def test_the_built_package_has_the_protocol_and_generates_the_config_reference(tmp_path):
+    # What a (non-editable) wheel installs: setuptools' build_py lays out the packages
+    # setup.cfg names, as `pip install .` puts them in site-packages.
+    lib = tmp_path / "lib"
+    subprocess.run([sys.executable, "-c", "from setuptools import setup; setup()", "-q",
+                    "build_py", "--build-lib", str(lib)], cwd=ROOT, check=True, timeout=120,
+                   capture_output=True)
+    env = {**os.environ, "PYTHONPATH": str(lib)}
+    where = subprocess.run(
+        [sys.executable, "-c", "import paddlerun.launcher.cli, paddlerun.trainer.rundir as r; "
+                               "print(r.__file__)"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert where.returncode == 0, where.stderr
+    assert where.stdout.strip() == str(lib / "paddlerun" / "trainer" / "rundir" / "__init__.py")
+    doc = subprocess.run([sys.executable, "-m", "paddlerun.trainer.rundir.config_doc"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert doc.returncode == 0, doc.stderr
+    assert doc.stdout == (ROOT / "docs" / "config.md").read_text()

@@ -11,7 +11,8 @@ import paddle
 import pytest
 
 from helpers import REPO
-from paddlerun.trainer import host_copy, paddle_build, paddle_features
+from paddlerun.trainer import host_copy, paddle_features
+from paddlerun.trainer.rundir import paddle_build
 from paddlerun.trainer import state as tstate
 
 

@@ -22,8 +22,8 @@ from paddlerun.launcher.exit_watch import ExitWatch
 from paddlerun.launcher.process_tree import ProcessTree, signal_processes
 from paddlerun.launcher.status_cmd import rank_status
 from paddlerun.launcher.supervisor import dead_ranks
-from paddlerun.trainer.heartbeat import HeartbeatWriter, heartbeat_path, lowest_live_rank, read_heartbeats
-from paddlerun.trainer.process_identity import ProcessIdentity
+from paddlerun.trainer.rundir.heartbeat import HeartbeatWriter, heartbeat_path, lowest_live_rank, read_heartbeats
+from paddlerun.trainer.rundir.process_identity import ProcessIdentity
 
 
 def sleeper(seconds: float = 60) -> subprocess.Popen:

@@ -19,7 +19,7 @@ import time
 import psutil
 import pytest
 
-from paddlerun.trainer.process_identity import ProcessIdentity
+from paddlerun.trainer.rundir.process_identity import ProcessIdentity
 from paddlerun.launcher.process_tree import (
     ProcessTree,
     become_subreaper,
@@ -30,7 +30,7 @@ from paddlerun.launcher.process_tree import (
 
 FAKE_LAUNCH = r'''
 import json, os, signal, subprocess, sys, time
-from paddlerun.trainer.process_identity import ProcessIdentity
+from paddlerun.trainer.rundir.process_identity import ProcessIdentity
 
 pidfile, worker_mode, exit_code = sys.argv[1], sys.argv[2], int(sys.argv[3])
 WORKER = r"""

@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 
 from paddlerun.launcher.restart_policy import Failure, FailureKind, RestartPolicy
-from paddlerun.trainer.config import SupervisorConfig
+from paddlerun.trainer.rundir.config import SupervisorConfig
 
 CONFIG = SupervisorConfig(max_restarts=5, backoff_s=1.0, backoff_max_s=3.0, failure_window_s=100.0,
                           max_failures_in_window=4)

@@ -1,6 +1,6 @@
 """root_cause.diagnose on real log files: which rank is blamed, and whose log is quoted."""
 from paddlerun.launcher import root_cause
-from paddlerun.trainer.heartbeat import NO_HEARTBEAT
+from paddlerun.trainer.rundir.heartbeat import NO_HEARTBEAT
 
 
 def logs(tmp_path, launch="", **workers):

@@ -20,7 +20,7 @@ paddle = pytest.importorskip("paddle")
 
 from helpers import REPO, assert_no_leftovers, killed_on_error, wait_for
 from paddlerun.trainer.checkpoint import CheckpointStore
-from paddlerun.trainer.process_identity import ProcessIdentity
+from paddlerun.trainer.rundir.process_identity import ProcessIdentity
 
 EXAMPLE = REPO / "examples" / "train_script.py"
 STEPS = 60
@@ -107,7 +107,7 @@ def test_script_runs_to_the_end_under_the_supervisor(reference):
     assert {m["attempt"] for m in metrics(run_dir)} == {0}
     info = CheckpointStore(run_dir / "checkpoints").newest_complete(verify=True)
     assert (info.step, info.manifest["reason"]) == (STEPS, "final")
-    from paddlerun.trainer.digest import params_digest
+    from paddlerun.trainer.rundir.digest import params_digest
     assert params_digest(info.read_tensors("model.safetensors")) == digest_of(out)
     beats = [json.loads((run_dir / "heartbeats" / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert [(b["step"], b["phase"]) for b in beats] == [(STEPS, "done")] * 2
@@ -175,7 +175,7 @@ def train(data, directory, epochs=3, max_steps=None, every_steps=4, stop_on_sigt
           after_step=None):
     """A plain loop with dropout (paddle's RNG every step) and a step-decayed LR; returns
     (digest, session)."""
-    from paddlerun.trainer.digest import params_digest
+    from paddlerun.trainer.rundir.digest import params_digest
     from paddlerun.trainer.models import LeNet
     from paddlerun.trainer.session import Session
     paddle.seed(11)
@@ -237,8 +237,8 @@ def test_epoch_end_snapshots_without_a_schedule(data, tmp_path):
 
 
 def test_stop_request_in_script_mode(data, tmp_path, monkeypatch):
-    from paddlerun.trainer import control
-    from paddlerun.trainer.heartbeat import read_heartbeats
+    from paddlerun.trainer.rundir import control
+    from paddlerun.trainer.rundir.heartbeat import read_heartbeats
     monkeypatch.setenv("PADDLERUN_RUN_DIR", str(tmp_path))  # what the supervisor sets
     monkeypatch.setenv("PADDLERUN_CHECKPOINT_DIR", str(tmp_path / "checkpoints"))
     control.request_stop(tmp_path, reason="SIGTERM")

@@ -18,7 +18,7 @@ import pytest
 from helpers import wait_for
 from paddlerun.launcher.process_tree import ProcessTree
 from paddlerun.trainer import shm_reduce
-from paddlerun.trainer.errors import is_peer_failure
+from paddlerun.trainer.rundir.errors import is_peer_failure
 from paddlerun.trainer.shm_reduce import SharedMemorySum
 
 pytestmark = pytest.mark.skipif(shm_reduce.unsupported_reason(3) is not None,
@@ -249,7 +249,7 @@ def test_a_sum_interrupted_mid_round_breaks_the_object_and_no_peer_sums_stale_da
             job.host_sum.all_reduce(inputs[0])
         # The peer, waiting in that round, is told at once rather than after TIMEOUT_S.
         answer = said(job.peers[0], timeout=10)
-        # A PeerFailure (trainer/errors.py): for the peer a consequence, not a root cause.
+        # A PeerFailure (trainer/rundir/errors.py): for the peer a consequence, not a root cause.
         assert answer.startswith("error PeerFailure: peer gave up: rank 0"), answer
 
 

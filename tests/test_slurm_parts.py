@@ -11,7 +11,7 @@ from paddlerun.cluster.slurm_end import decide
 from paddlerun.cluster.slurm_job import NOTICE_FILE, SlurmJob
 from paddlerun.cluster.slurm_script import BatchJob, render, warning_seconds
 from paddlerun.launcher.restart_policy import RestartPolicy
-from paddlerun.trainer.config import SupervisorConfig
+from paddlerun.trainer.rundir.config import SupervisorConfig
 
 from helpers import CONFIG, REPO
 

@@ -12,7 +12,7 @@ from metadata_servers import AWS_TOKEN, MetadataServer
 from paddlerun.cluster import spot_notice
 from paddlerun.cluster.spot_notice import MetadataError, detect_provider
 from paddlerun.launcher.spot_watch import SpotWatch, resolve_provider
-from paddlerun.trainer.config import ConfigError, SupervisorConfig, config_from_dict
+from paddlerun.trainer.rundir.config import ConfigError, SupervisorConfig, config_from_dict
 
 
 @pytest.fixture(params=["aws", "gcp", "azure"])

@@ -22,7 +22,7 @@ import pytest
 
 from helpers import REPO, assert_no_leftovers, heartbeat, killed_on_error, start, wait_for
 from paddlerun.launcher.cli import main
-from paddlerun.trainer.events import read_events
+from paddlerun.trainer.rundir.events import read_events
 
 slow = pytest.mark.slow
 TOTAL = 120  # two epochs (63 steps each): long enough to catch it training
@@ -130,7 +130,7 @@ def test_status_after_a_restart_and_the_end(restarted_run):
 def test_plot_of_the_real_run_marks_the_failure_and_the_resume_point(restarted_run, tmp_path):
     pytest.importorskip("matplotlib")
     from paddlerun.launcher.plot_cmd import timeline
-    from paddlerun.trainer.metrics import read_metrics
+    from paddlerun.trainer.rundir.metrics import read_metrics
 
     run_dir = restarted_run["run_dir"]
     metrics = read_metrics(run_dir / "metrics.jsonl")
@@ -182,7 +182,7 @@ def test_status_of_a_run_whose_supervisor_was_killed(tmp_path, capsys):
 
 def test_a_reused_pid_is_not_the_supervisor(tmp_path, capsys):
     from paddlerun.launcher.status_cmd import process_alive
-    from paddlerun.trainer.process_identity import ProcessIdentity
+    from paddlerun.trainer.rundir.process_identity import ProcessIdentity
     me = ProcessIdentity.me()
     host = os.uname().nodename
     assert process_alive(host, me.pid, me.start_ticks) is True
@@ -237,7 +237,7 @@ def synthetic_run(run_dir: Path) -> None:
 def test_plot_timeline_and_png_from_a_synthetic_run(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     from paddlerun.launcher.plot_cmd import timeline
-    from paddlerun.trainer.metrics import read_metrics
+    from paddlerun.trainer.rundir.metrics import read_metrics
 
     synthetic_run(tmp_path)
     line = timeline(read_metrics(tmp_path / "metrics.jsonl"), read_events(tmp_path / "events.jsonl"))

@@ -6,7 +6,7 @@ import pytest
 
 from helpers import (assert_no_leftovers, events, heartbeat, killed_on_error, processes_of, run,
                      start, summary, wait_for)
-from paddlerun.trainer.process_identity import ProcessIdentity
+from paddlerun.trainer.rundir.process_identity import ProcessIdentity
 
 pytestmark = pytest.mark.slow
 

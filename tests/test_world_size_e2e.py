@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO, assert_no_leftovers, events, run
-from paddlerun.trainer.metrics import read_metrics
+from paddlerun.trainer.rundir.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 

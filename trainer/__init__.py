@@ -1,6 +1,6 @@
 """Everything that runs inside a training worker.
 
-This package's top level is paddle-free: the supervisor imports its config,
-checkpoint store, digest and heartbeat modules. Modules that need paddle import
-it themselves.
+This package's ``__init__`` is paddle-free, and so are its two subpackages the supervisor
+imports: :mod:`.rundir` (the run-directory protocol both sides speak) and :mod:`.checkpoint`
+(the snapshot store). Modules that need paddle import it themselves.
 """

@@ -35,15 +35,16 @@ import paddle
 import paddle.distributed as dist
 
 from paddlerun.trainer import state as tstate
+from paddlerun.trainer.agreement import Position
 from paddlerun.trainer.checkpoint.layout import (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, shard_file,
                                                  snapshot_name)
 from paddlerun.trainer.checkpoint import (CheckpointError, CheckpointStore, StaleGenerationError,
                                           WriterBusyError, inspect_snapshot, resolve_snapshot)
 from paddlerun.trainer.restore_agreement import (RestoreChoice, SnapshotSource, agree_on_choice,
                                                  agree_all_loaded)
-from paddlerun.trainer.config import Config
-from paddlerun.trainer.env import WorkerEnv
-from paddlerun.trainer.errors import write_error
+from paddlerun.trainer.rundir.config import Config
+from paddlerun.trainer.rundir.env import WorkerEnv
+from paddlerun.trainer.rundir.errors import write_error
 from paddlerun.trainer.host_copy import HostBuffers
 from paddlerun.trainer.paddle_features import features
 
@@ -458,7 +459,6 @@ class Checkpointer:
         Raises :class:`CheckpointError` when the snapshot is unusable (missing, corrupt, not
         the manifest expected) and :class:`~state.StateMismatch` when it is intact but does
         not fit this job (another world size, a changed model)."""
-        from paddlerun.trainer.loop import Position
         with self.store.reading(path) as info:
             if expect_manifest is not None and info.manifest_sha256 != expect_manifest:
                 raise CheckpointError(

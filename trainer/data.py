@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 import numpy as np
 import paddle
 
-from paddlerun.trainer.atomic_file import atomic_write
+from paddlerun.trainer.rundir.atomic_file import atomic_write
 
 log = logging.getLogger("paddlerun.data")
 

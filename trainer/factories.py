@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict
 
 import paddle
 
-from paddlerun.trainer.errors import NotRetriable
+from paddlerun.trainer.rundir.errors import NotRetriable
 
 
 class FactoryError(ImportError, NotRetriable):

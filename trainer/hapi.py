@@ -50,19 +50,19 @@ constructed: construct it before anything slow (the supervisor gives a rank
 from __future__ import annotations
 
 import dataclasses
-import time
 import warnings
 from typing import Optional, Tuple
 
 import paddle
 
 from paddlerun.trainer import state as tstate
+from paddlerun.trainer.agreement import Position, StepAgreement
 from paddlerun.trainer.checkpointer import Checkpointer
-from paddlerun.trainer.config import ConfigError, TrainConfig
-from paddlerun.trainer.loop import Position
+from paddlerun.trainer.rundir.config import ConfigError, TrainConfig
 from paddlerun.trainer.sampler import ResumableBatchSampler
 from paddlerun.trainer.script_mode import (DEFAULT_SEED, CheckpointTarget, SupervisorLink,
-                                           checkpoint_config, checkpoint_directory, script_env)
+                                           checkpoint_config, checkpoint_directory,
+                                           script_agreement, script_env)
 
 __all__ = ["Checkpoint"]
 
@@ -117,6 +117,7 @@ class Checkpoint(paddle.callbacks.Callback):
         self.sampler: Optional[_CountingSampler] = None
         self.trainer: Optional[CheckpointTarget] = None
         self.checkpointer: Optional[Checkpointer] = None
+        self.agreement: Optional[StepAgreement] = None
         self._resume_at: Optional[Tuple[int, int]] = None  # (epoch, batch) to continue from
         self._resume_rng = None  # the snapshot's RNG states, set again at the capture point
         self._finished = False  # a resumed run that had already reached max_steps
@@ -161,12 +162,13 @@ class Checkpoint(paddle.callbacks.Callback):
             drop_last=self.sampler.drop_last, seed=self.sampler.seed)
         config = dataclasses.replace(self.config, train=train)
         events = self.link.open_records()
-        self.trainer = CheckpointTarget(model.network, model._optimizer, train)
         self.checkpointer = Checkpointer(config, self.env, self.directory,
                                          run_dir=self.run_dir or self.directory.parent, events=events)
+        self.agreement = script_agreement(self.env, self.checkpointer)
+        self.trainer = CheckpointTarget(model.network, model._optimizer, train, self.agreement.position)
         restored = self._restore() if self.resume else self._refuse_existing()
         if restored is not None:
-            self.trainer.position = restored
+            self.agreement.resume_at(restored)
             self._resume_at = (restored.epoch, restored.batch)
             self._resume_rng = tstate.rng_state()  # what restore just set: the snapshot's
             if self.max_steps is not None and restored.step >= self.max_steps:
@@ -246,16 +248,17 @@ class Checkpoint(paddle.callbacks.Callback):
 
     def on_train_batch_end(self, step, logs=None):
         pos = self.trainer.position
-        pos.step += 1
-        pos.batch += 1
+        self.agreement.advance()
         self.link.beat(pos.step)
         self.link.log_metrics(pos, logs or {}, self.trainer.optimizer)
         if self.max_steps is not None and pos.step >= self.max_steps:
             self._stop("max_steps")
-        elif self.link.stop_due(pos.step):
-            self._stop("preempted")
-        ckpt = self.checkpointer
-        if ckpt.due_by_steps(pos.step) or (self.env.rank == 0 and ckpt.due_by_time(time.time())):
+            decision = self.agreement.decide(None)  # every rank ends here: nothing to agree on
+        else:
+            decision = self.agreement.agree()
+            if decision.stop:
+                self._stop("preempted")
+        if decision.snapshot:
             self._pending = "scheduled"  # captured once the other callbacks are done with the step
 
     def _stop(self, reason: str) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -21,31 +20,23 @@ import paddle
 import paddle.distributed as dist
 
 from paddlerun.trainer import factories, sharding
+from paddlerun.trainer.agreement import Position, StepAgreement
 from paddlerun.trainer.checkpoint import StaleGenerationError
-from paddlerun.trainer.config import Config
-from paddlerun.trainer.digest import params_digest
-from paddlerun.trainer.env import WorkerEnv
-from paddlerun.trainer.metrics import MetricsLog, write_json_atomic
+from paddlerun.trainer.rundir.config import Config
+from paddlerun.trainer.rundir.digest import params_digest
+from paddlerun.trainer.rundir.env import WorkerEnv
+from paddlerun.trainer.rundir.metrics import MetricsLog, write_json_atomic
 from paddlerun.trainer.progress import Progress, Throughput
 from paddlerun.trainer.rendezvous import wait_for_master
 from paddlerun.trainer.sampler import ResumableBatchSampler, shard_indices
 from paddlerun.trainer.device import select_device
-from paddlerun.trainer.errors import is_peer_failure
+from paddlerun.trainer.rundir.errors import is_peer_failure
 from paddlerun.trainer.grad_sync import GradientSync, all_reduce_sums, broadcast_parameters, connect_host_sum
-from paddlerun.trainer.heartbeat import lowest_live_rank
+from paddlerun.trainer.rundir.heartbeat import lowest_live_rank
 from paddlerun.trainer.signals import ignoring_sigterm
 from paddlerun.trainer.state import capture_rng, model_arrays
 
 log = logging.getLogger("paddlerun.worker")
-
-
-@dataclass
-class Position:
-    """Where training stands: ``step`` optimizer steps done; the next batch is
-    ``batch`` of ``epoch``. This is what a snapshot stores to resume exactly."""
-    step: int = 0
-    epoch: int = 0
-    batch: int = 0
 
 
 def seed_everything(seed: int) -> None:
@@ -56,7 +47,7 @@ def seed_everything(seed: int) -> None:
 
 class Trainer:
     def __init__(self, config: Config, env: WorkerEnv, run_dir: Path, checkpointer=None,
-                 heartbeat=None, stop_requested=None):
+                 heartbeat=None, watch_sigterm: bool = False):
         self.config = config
         self.train = config.train
         self.env = env
@@ -105,11 +96,15 @@ class Trainer:
         if self.sharded:
             self.optimizer = sharding.wrap_optimizer(self.optimizer)
         self.loss_fn = factories.build_loss(self.train)
-        self.position = Position()
+        # Stops and time-based snapshots are agreed at every log step (and the last), riding
+        # on the metrics' sum: every rank takes part in a snapshot (sharded: one shard each).
+        self.agreement = StepAgreement(env.rank, env.world_size, self.train.log_every_steps,
+                                       run_dir, watch_sigterm=watch_sigterm, schedule=checkpointer,
+                                       agree_time=True, last_step=self.total_steps)
+        self.position: Position = self.agreement.position
         self.samples_per_step = self.train.global_batch_size
         self.last_eval: Dict[str, float] = {}
         self.last_train: Dict[str, float] = {}
-        self.stop_requested = stop_requested or (lambda: False)
         # Possible only where a dead peer raises in Python: our own gradient sync, unsharded.
         self._emergency_enabled = checkpointer is not None and self.grad_sync is not None
         # A window's sample count is exact in float32 gradients up to 2**24.
@@ -143,7 +138,7 @@ class Trainer:
             self._init_progress()
             restored = self.checkpointer.restore(self, self.config.checkpoint.resume_from)
             if restored is not None:
-                self.position = restored
+                self.agreement.resume_at(restored)
             self._init_progress()
         self.start_step = self.position.step
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl") if self.is_rank0 else None
@@ -173,20 +168,19 @@ class Trainer:
                 self.progress.epoch_begin(pos.epoch)
             for inputs, labels in self.loader:
                 self._rng_before_step = capture_rng() if self._emergency_enabled else None
-                agree = (pos.step + 1) % self.train.log_every_steps == 0 or pos.step + 1 == self.total_steps
+                agree = self.agreement.is_point(pos.step + 1)
                 sums = self._step(inputs, labels, agree)
-                pos.step += 1
-                pos.batch += 1
+                self.agreement.advance()
                 self._rng_before_step = None
                 if self.heartbeat is not None:
                     self.heartbeat.beat(pos.step)
-                stop, save_now = self._log(sums) if agree else (False, False)
-                if stop:
+                decision = self.agreement.decide(self._log(sums) if agree else None)
+                if decision.stop:
                     self._save("preempted", wait=True)
                     return "preempted"
                 if pos.step >= self.total_steps:
                     break
-                if pos.batch < self.sampler.batches_per_epoch and (save_now or self._due(pos.step)):
+                if pos.batch < self.sampler.batches_per_epoch and decision.snapshot:
                     self._save("scheduled")
             if pos.batch >= self.sampler.batches_per_epoch:
                 self._end_epoch(pos)
@@ -194,12 +188,12 @@ class Trainer:
 
     def _step(self, inputs, labels, agree: bool):
         """One optimizer step; at an agreement point (``agree``, the same steps on every
-        rank) also the window's metric sums and rank 0's flags, summed over the ranks."""
+        rank) also the window's metric sums and this rank's requests, summed over the ranks."""
         outputs = self.model(inputs)
         loss = self.loss_fn(outputs, labels)
         loss.backward()
         self._window.add(loss, outputs.argmax(axis=-1), labels)
-        local = self._window.take() + self._flags() if agree else None
+        local = self._window.take() + self.agreement.requests() if agree else None
         summed = None
         if self.grad_sync is not None:  # carries them with the gradients: one all-reduce, not two
             summed = self.grad_sync(local if self._counts_fit_float32 else None)
@@ -211,9 +205,6 @@ class Trainer:
             self.lr.step()
         return summed
 
-    def _due(self, step: int) -> bool:
-        return self.checkpointer is not None and self.checkpointer.due_by_steps(step)
-
     def _save(self, reason: str, wait: bool = False) -> None:
         if self.checkpointer is None:
             return
@@ -223,20 +214,12 @@ class Trainer:
         if self.heartbeat is not None:
             self.heartbeat.beat(self.position.step)
 
-    def _flags(self):
-        """Decisions for every rank, summed over the ranks: a stop requested (on any rank:
-        each node's supervisor asks its own workers) and rank 0's time-based save due."""
-        stop = float(self.stop_requested())
-        if not self.is_rank0:
-            return [stop, 0.0]
-        return [stop, float(self.checkpointer is not None and self.checkpointer.due_by_time(time.time()))]
-
     def _log(self, sums):
         """The agreement point, every ``log_every_steps``: ``sums`` (the window's metric
-        sums and rank 0's flags, summed over the ranks) are the same on every rank, so
-        every rank logs the global figures and takes the same decisions."""
+        sums and the ranks' requests, summed over the ranks) are the same on every rank, so
+        every rank logs the global figures; returns the summed requests, to decide on."""
         pos = self.position
-        loss_sum, correct, count, batches, stop, save_now = sums
+        loss_sum, correct, count, batches = sums[:4]
         values = {"loss": loss_sum / max(batches, 1), "acc": correct / max(count, 1)}
         rate, eta = self._meter.update((pos.step - self.start_step) * self.samples_per_step,
                                        pos.step - self.start_step, self.total_steps - pos.step)
@@ -246,7 +229,7 @@ class Trainer:
                                  "lr": self.optimizer.get_lr(), "samples_per_s": rate,
                                  "time": time.time(), "attempt": self.env.attempt})
         self.last_train = values
-        return stop > 0, save_now > 0
+        return sums[4:]
 
     def _maybe_emergency_save(self, error: Exception) -> None:
         """A collective failed because a peer died: the lowest surviving rank saves the
@@ -277,11 +260,10 @@ class Trainer:
 
     def _end_epoch(self, pos: Position) -> None:
         finished = pos.epoch
-        pos.epoch += 1
-        pos.batch = 0
+        self.agreement.next_epoch()
         if (finished + 1) % self.train.eval_every_epochs == 0:
             self._evaluate_and_log(epoch=finished)
-        if pos.step < self.total_steps and self._due(pos.step):
+        if pos.step < self.total_steps and self.agreement.decide(None).snapshot:
             self._save("scheduled")
 
     def last_eval_is_current(self) -> bool:

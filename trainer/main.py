@@ -7,10 +7,10 @@ import os
 import sys
 from pathlib import Path
 
-from paddlerun.trainer.config import load_config
-from paddlerun.trainer.env import WorkerEnv
-from paddlerun.trainer.errors import write_error
-from paddlerun.trainer.heartbeat import HeartbeatWriter
+from paddlerun.trainer.rundir.config import load_config
+from paddlerun.trainer.rundir.env import WorkerEnv
+from paddlerun.trainer.rundir.errors import write_error
+from paddlerun.trainer.rundir.heartbeat import HeartbeatWriter
 
 
 def setup_logging(rank: int, attempt: int) -> None:

@@ -10,7 +10,7 @@ Paddle versions"):
   (:func:`paddlerun.trainer.host_copy.address_view`); read-only views for the capture
   still come from DLPack.
 - **DLPack at all.** Paddle 2.6 has no ``Tensor.__dlpack__`` (it is refused anyway, see
-  :mod:`.paddle_build`): every host view is then an address view.
+  :mod:`.rundir.paddle_build`): every host view is then an address view.
 - **The generator state.** Restoring bit-exact needs the CPU generator's serialized state
   to hold its engine (a list of byte values after device, seed, offset). Paddle 2.6 has
   only the three ints; a build like that is refused, never resumed inexactly.
@@ -31,7 +31,7 @@ from typing import Tuple
 import numpy as np
 import paddle
 
-from paddlerun.trainer.paddle_build import MINIMUM, PaddleNotSupported, version_tuple
+from paddlerun.trainer.rundir.paddle_build import MINIMUM, PaddleNotSupported, version_tuple
 
 log = logging.getLogger("paddlerun.worker")
 

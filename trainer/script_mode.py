@@ -9,21 +9,18 @@ supervisor) a :class:`SupervisorLink` writes, per rank:
 * rank 0 only: ``metrics.jsonl`` (one line per training step) and, through the
   Checkpointer, ``snapshot_committed`` events in ``events.jsonl``;
 
-and it answers the supervisor's stop request (``control/stop.json``, written when the
-supervisor is signalled or the cloud gives notice; see :mod:`control`). Every rank reads
-its node's file and all ranks agree (any rank asked: all stop) through one all-reduce, at
-every :data:`STOP_CHECK_EVERY`-th step.
-
-Why only there: ranks may enter a collective only together, and the step count is the
-one thing every rank agrees on without a message. A rank that asked at a step the
-others did not would wait in its all-reduce for a peer that never comes (gloo: 30 s,
-then an error). ``Checkpointer.due_by_time`` is rank 0's opinion only, and that is
-enough here: a plain data-parallel snapshot is written by rank 0 alone, with no
-collective.
+and :func:`script_agreement` answers the supervisor's stop request (``control/stop.json``,
+written when the supervisor is signalled or the cloud gives notice; see
+:mod:`paddlerun.trainer.rundir.control`): every rank reads its node's file and all ranks
+agree (any rank asked: all stop) through one all-reduce, at every
+:data:`STOP_CHECK_EVERY`-th step -- the protocol of :mod:`paddlerun.trainer.agreement`,
+which paddlerun's own loop speaks too. ``Checkpointer.due_by_time`` is rank 0's opinion
+only, and that is enough here: a plain data-parallel snapshot is written by rank 0 alone,
+with no collective.
 
 Outside script mode nothing is written and no stop is checked -- unless SIGTERM is
-watched (:meth:`SupervisorLink.watch_sigterm`, which Session does): then a SIGTERM to
-any rank (a scheduler signalling every process) stops all of them at the next check.
+watched (``watch_sigterm``, which Session does): then a SIGTERM to any rank (a scheduler
+signalling every process) stops all of them at the next check.
 """
 from __future__ import annotations
 
@@ -36,16 +33,16 @@ import numpy as np
 import paddle
 import paddle.distributed as dist
 
-from paddlerun.trainer import control, signals
-from paddlerun.trainer.config import Config, TrainConfig, config_from_dict
-from paddlerun.trainer.env import CHECKPOINT_DIR, WorkerEnv
-from paddlerun.trainer.events import EventLog
-from paddlerun.trainer.heartbeat import HeartbeatWriter
-from paddlerun.trainer.loop import Position
-from paddlerun.trainer.metrics import MetricsLog
+from paddlerun.trainer import signals
+from paddlerun.trainer.agreement import Position, StepAgreement
+from paddlerun.trainer.rundir.config import Config, TrainConfig, config_from_dict
+from paddlerun.trainer.rundir.env import CHECKPOINT_DIR, WorkerEnv
+from paddlerun.trainer.rundir.events import EventLog
+from paddlerun.trainer.rundir.heartbeat import HeartbeatWriter
+from paddlerun.trainer.rundir.metrics import MetricsLog
 
 __all__ = ["DEFAULT_SEED", "STOP_CHECK_EVERY", "CheckpointTarget", "SupervisorLink",
-           "checkpoint_config", "checkpoint_directory", "script_env"]
+           "checkpoint_config", "checkpoint_directory", "script_agreement", "script_env"]
 
 #: Steps between checks of the stop request (an all-reduce when world > 1).
 STOP_CHECK_EVERY = 10
@@ -59,6 +56,17 @@ def script_env() -> WorkerEnv:
     sees them (the PADDLE_* variables of ``paddle.distributed.launch``)."""
     return dataclasses.replace(WorkerEnv.from_environ(), rank=dist.get_rank(),
                                world_size=dist.get_world_size())
+
+
+def script_agreement(env: WorkerEnv, schedule, watch_sigterm: bool = False) -> StepAgreement:
+    """The stop/snapshot agreement of a script: every :data:`STOP_CHECK_EVERY` steps, on the
+    supervisor's control file (script mode) and, with ``watch_sigterm``, on SIGTERM (the
+    handler is installed here: main thread, after ``import paddle``). Rank 0 takes time-based
+    snapshots alone (``schedule.due_by_time``): it writes them alone."""
+    if watch_sigterm:
+        signals.install_stop_handler()
+    return StepAgreement(env.rank, env.world_size, STOP_CHECK_EVERY, env.run_dir,
+                         watch_sigterm=watch_sigterm, schedule=schedule, agree_time=False)
 
 
 def checkpoint_directory(directory, who: str) -> Path:
@@ -89,7 +97,7 @@ class CheckpointTarget:
 
 
 class SupervisorLink:
-    """One rank's heartbeats, metrics line and stop request. Every rank has one.
+    """One rank's heartbeats and metrics line. Every rank has one.
 
     Heartbeats start at construction: build it before anything slow (the supervisor
     gives a rank ``supervisor.hang_timeout_s`` for its first one). Call the methods from
@@ -105,7 +113,6 @@ class SupervisorLink:
                                              env.heartbeat_interval_s, env.attempt,
                                              supervisor=env.supervisor).start()
         self.metrics: Optional[MetricsLog] = None
-        self._sigterm = False
 
     # ------------------------------------------------------------ heartbeats
 
@@ -157,32 +164,6 @@ class SupervisorLink:
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
-
-    # ------------------------------------------------------------ stop requests
-
-    def watch_sigterm(self) -> None:
-        """Main thread, after ``import paddle``: a SIGTERM to this process asks for a stop
-        (snapshot, then end) instead of killing it; a second one kills it (see :mod:`signals`)."""
-        signals.install_stop_handler()
-        self._sigterm = True
-
-    def stop_due(self, step: int) -> bool:
-        """After step ``step``, on every rank: True when all ranks must stop now."""
-        return step % STOP_CHECK_EVERY == 0 and self.stop_agreed()
-
-    def stop_agreed(self) -> bool:
-        """A collective when world > 1: call it at the same step on every rank, or never."""
-        if self.run_dir is None and not self._sigterm:
-            return False
-        # Every rank reads its own node's request: in a multi-node job each node's
-        # supervisor writes into its own run directory (a spot notice on node 1).
-        asked = self.run_dir is not None and control.stop_requested(self.run_dir)
-        flag = float(asked or (self._sigterm and signals.stop_signalled()))
-        if self.env.world_size > 1:
-            t = paddle.to_tensor([flag], dtype="float32")
-            dist.all_reduce(t)
-            flag = float(t.numpy()[0])
-        return flag > 0
 
 
 def _scalar(value: Any) -> Optional[float]:

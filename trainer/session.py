@@ -36,23 +36,23 @@ per optimizer update.
 
 Every rank calls every method, in the same order and at the same steps: ``step()`` runs
 one all-reduce every :data:`~paddlerun.trainer.script_mode.STOP_CHECK_EVERY` steps to
-agree on a stop (see :mod:`paddlerun.trainer.script_mode`). Rank 0 writes the snapshots.
+agree on a stop (see :mod:`paddlerun.trainer.agreement`). Rank 0 writes the snapshots.
 """
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Iterator, Optional
 
 import paddle
 
 from paddlerun.trainer import state as tstate
+from paddlerun.trainer.agreement import Position
 from paddlerun.trainer.checkpointer import Checkpointer, check_global_batch
-from paddlerun.trainer.config import TrainConfig
-from paddlerun.trainer.loop import Position
+from paddlerun.trainer.rundir.config import TrainConfig
 from paddlerun.trainer.sampler import ResumableBatchSampler
 from paddlerun.trainer.script_mode import (DEFAULT_SEED, CheckpointTarget, SupervisorLink,
-                                           checkpoint_config, checkpoint_directory, script_env)
+                                           checkpoint_config, checkpoint_directory,
+                                           script_agreement, script_env)
 
 __all__ = ["Position", "Session"]
 
@@ -95,19 +95,18 @@ class Session:
         self.max_steps = max_steps
         self.env = script_env()
         self.link = SupervisorLink(self.env)
-        if stop_on_sigterm:
-            self.link.watch_sigterm()
         layer = tstate.unwrap(model)
         # Only a description (its hash is stored in each snapshot; a different one on resume
         # is a warning) plus the data plan, which sampler() fills in. 0: no sampler (unknown).
         train = TrainConfig(model=f"{type(layer).__module__}:{type(layer).__qualname__}",
                             optimizer=type(optimizer).__name__, lr=float(optimizer.get_lr()),
                             max_steps=max_steps, global_batch_size=0)
-        self._target = CheckpointTarget(layer, optimizer, train)
         events = self.link.open_records()
         self.checkpointer = Checkpointer(dataclasses.replace(config, train=train), self.env,
                                          self.directory, events=events,
                                          run_dir=self.env.run_dir or self.directory.parent)
+        self.agreement = script_agreement(self.env, self.checkpointer, watch_sigterm=stop_on_sigterm)
+        self._target = CheckpointTarget(layer, optimizer, train, self.agreement.position)
         self._sampler: Optional[ResumableBatchSampler] = None
         self._resume_rng = None  # the snapshot's RNG states, set again as the loop begins
         self._stop_reason: Optional[str] = None
@@ -132,7 +131,7 @@ class Session:
         self.link.set_phase("checkpoint")
         restored = self.checkpointer.restore(self._target)
         if restored is not None:
-            self._target.position = restored
+            self.agreement.resume_at(restored)
             self._resume_rng = tstate.rng_state()  # what restore just set: the snapshot's
             if self._sampler is not None:
                 self._position_sampler()
@@ -191,8 +190,7 @@ class Session:
                     f"epoch {pos.epoch} ended after batch {pos.batch} of "
                     f"{self._sampler.batches_per_epoch}: leave the loop over the loader early only "
                     f"when session.step() returns True, and call step() once per batch")
-            pos.epoch += 1
-            pos.batch = 0
+            self.agreement.next_epoch()
             if self.by_epoch and pos.epoch < epochs:
                 self._save("epoch")
 
@@ -208,20 +206,19 @@ class Session:
             raise RuntimeError(f"Session.step() after it returned True ({self._stop_reason}): "
                                f"leave the training loop then")
         pos = self.position
-        pos.step += 1
-        pos.batch += 1
+        self.agreement.advance()
         self.link.beat(pos.step)
         values = metrics if loss is None else {"loss": loss, **metrics}
         self.link.log_metrics(pos, values, self._target.optimizer)
         if self.max_steps is not None and pos.step >= self.max_steps:
             self._stop_reason = "max_steps"  # finish() takes the final snapshot
             return True
-        if self.link.stop_due(pos.step):
+        decision = self.agreement.agree()
+        if decision.stop:
             self._stop_reason = "preempted"
             self._save("preempted", wait=True)
             return True
-        ckpt = self.checkpointer
-        if ckpt.due_by_steps(pos.step) or (self.env.rank == 0 and ckpt.due_by_time(time.time())):
+        if decision.snapshot:
             self._save("scheduled")
         return False
 

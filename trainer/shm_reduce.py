@@ -30,7 +30,7 @@ left a round half done: its object is broken from then on (every later call rais
 
 A peer that dies while the others wait is seen within ``POLL_S`` through a pidfd of each
 peer (opened once every rank has mapped the segment, so no reused pid can fool it) and
-raised as a :class:`~paddlerun.trainer.errors.PeerFailure` ("peer died"), which the worker
+raised as a :class:`~paddlerun.trainer.rundir.errors.PeerFailure` ("peer died"), which the worker
 treats like gloo's "Connection reset by peer" (an emergency snapshot). A peer that stops
 answering raises one after ``TIMEOUT_S``, gloo's 30 s; one that gave up raises one
 ("peer gave up") at once.
@@ -49,7 +49,7 @@ from typing import Optional
 
 import numpy as np
 
-from paddlerun.trainer.errors import PeerFailure
+from paddlerun.trainer.rundir.errors import PeerFailure
 
 #: Bytes per rank and round: an array bigger than this is summed in several rounds.
 CHUNK = 1 << 20

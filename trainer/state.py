@@ -14,7 +14,7 @@ import numpy as np
 import paddle
 from paddle.framework import core
 
-from paddlerun.trainer.errors import NotRetriable
+from paddlerun.trainer.rundir.errors import NotRetriable
 from paddlerun.trainer.host_copy import numpy_dtype
 from paddlerun.trainer.paddle_features import features
 from paddlerun.trainer.rng_cache import NumpyRngReader, PythonRngReader

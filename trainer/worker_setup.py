@@ -4,11 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict
 
-from paddlerun.trainer import control, sharding, signals
+from paddlerun.trainer import sharding, signals
 from paddlerun.trainer.checkpointer import Checkpointer
-from paddlerun.trainer.config import Config
-from paddlerun.trainer.env import WorkerEnv
-from paddlerun.trainer.events import EventLog
+from paddlerun.trainer.rundir.config import Config
+from paddlerun.trainer.rundir.env import WorkerEnv
+from paddlerun.trainer.rundir.events import EventLog
 from paddlerun.trainer.loop import Trainer
 
 
@@ -20,10 +20,6 @@ def run_worker(config: Config, env: WorkerEnv, run_dir: Path, heartbeat=None) ->
     checkpointer = Checkpointer(config, env, checkpoint_dir, run_dir,
                                 sharded=sharding.enabled(config.train.sharded_optimizer, env.world_size),
                                 events=events)
-
-    def stop_requested() -> bool:
-        return signals.stop_signalled() or control.stop_requested(run_dir)
-
     trainer = Trainer(config, env, run_dir, checkpointer=checkpointer, heartbeat=heartbeat,
-                      stop_requested=stop_requested)
+                      watch_sigterm=True)
     return trainer.fit()

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Union
 
-from ..atomic_file import atomic_write, fsync_dir  # noqa: F401  (fsync_dir: store.py imports it here)
+from ..rundir.atomic_file import atomic_write, fsync_dir  # noqa: F401  (fsync_dir: store.py imports it here)
 from .digests import CHUNK, PIECE, Digests, ViewHasher, cut, hash_file, piece_count
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Optional, Union
 
-from paddlerun.trainer.errors import NotRetriable
+from paddlerun.trainer.rundir.errors import NotRetriable
 
 
 class CheckpointError(Exception):

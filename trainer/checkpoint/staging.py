@@ -24,7 +24,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Union
 
 import numpy as np
 
-from ..atomic_file import write_atomic
+from ..rundir.atomic_file import write_atomic
 from . import atomic
 from .atomic import FileRecord
 from .errors import CheckpointError

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-from paddlerun.trainer.atomic_file import write_atomic
+from paddlerun.trainer.rundir.atomic_file import write_atomic
 
 
 class MetricsLog:

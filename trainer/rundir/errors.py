@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Mapping, Optional
 
-from paddlerun.trainer.atomic_file import write_atomic
+from paddlerun.trainer.rundir.atomic_file import write_atomic
 
 
 class NotRetriable(Exception):

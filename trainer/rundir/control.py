@@ -2,10 +2,11 @@
 
 A file, not a signal: a signal would kill a user's script that installs no handler,
 and a file works the same for paddlerun's worker and for script mode. Every rank
-looks for its node's file at its agreement points (every ``train.log_every_steps``)
-and all ranks agree (one asked: all stop) through the collective they already run
-there -- so one node's preemption notice stops a multi-node job cleanly. Workers that get SIGTERM
-themselves (a scheduler signalling every process) raise the same request.
+looks for its node's file at its agreement points (every ``train.log_every_steps``;
+script mode: every 10 steps) and all ranks agree (one asked: all stop), see
+``trainer/agreement.py`` -- so one node's preemption notice stops a multi-node job
+cleanly. Workers that get SIGTERM themselves (a scheduler signalling every process)
+raise the same request.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-from paddlerun.trainer.atomic_file import write_atomic
+from paddlerun.trainer.rundir.atomic_file import write_atomic
 
 STOP_FILE = Path("control") / "stop.json"
 

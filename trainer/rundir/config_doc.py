@@ -1,6 +1,6 @@
 """Write the config reference, ``docs/config.md``, from the config dataclasses themselves.
 
-    python -m paddlerun.trainer.config_doc > docs/config.md
+    python -m paddlerun.trainer.rundir.config_doc > docs/config.md
 
 Every key's description is the ``#:`` comment above its field in :mod:`.config`, its type
 and default come from the dataclass, and a section's introduction is the class docstring.
@@ -23,12 +23,12 @@ from typing import Any, Dict, List, Tuple, Union
 
 from . import config as cfg
 
-COMMAND = "python -m paddlerun.trainer.config_doc > docs/config.md"
+COMMAND = "python -m paddlerun.trainer.rundir.config_doc > docs/config.md"
 
 _INTRO = f"""\
 # Config reference
 
-<!-- Generated from trainer/config.py by `{COMMAND}`: edit the
+<!-- Generated from trainer/rundir/config.py by `{COMMAND}`: edit the
      field comments there, not this file (tests/test_docs.py checks it is current). -->
 
 A config is a YAML file with up to five sections. Every key has a default, so a config
@@ -68,7 +68,7 @@ eval). One log line says which source is used. paddlerun never downloads anythin
 never trains on synthetic data.
 """
 
-#: The contract of each factory key (what :mod:`.factories` calls).
+#: The contract of each factory key (what :mod:`paddlerun.trainer.factories` calls).
 _FACTORY_CONTRACTS = {
     "model": "`build(**model_args) -> paddle.nn.Layer`",
     "dataset": "`build(split, **dataset_args) -> paddle.io.Dataset`; `split` is `\"train\"` or "
@@ -141,7 +141,7 @@ def section(name: str, cls: type) -> str:
     hints = typing.get_type_hints(cls)
     missing = [f.name for f in dataclasses.fields(cls) if not comments.get(f.name)]
     if missing:
-        raise UndocumentedKeyError(f"trainer/config.py: {cls.__name__} fields {missing} have no '#:' comment "
+        raise UndocumentedKeyError(f"trainer/rundir/config.py: {cls.__name__} fields {missing} have no '#:' comment "
                          f"above them; describe each key there, then run {COMMAND}")
     out = [f"## `{name}`", "", _markdown(inspect.getdoc(cls) or "").strip(), "",
            "| key | type | default | description |", "|---|---|---|---|"]

@@ -22,7 +22,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from paddlerun.trainer.errors import NotRetriable
+from paddlerun.trainer.rundir.errors import NotRetriable
 
 
 #: train.* keys that take a built-in name or an import string, and their built-ins

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
-from paddlerun.trainer.process_identity import ProcessIdentity
+from paddlerun.trainer.rundir.process_identity import ProcessIdentity
 
 RUN_DIR = "PADDLERUN_RUN_DIR"
 CHECKPOINT_DIR = "PADDLERUN_CHECKPOINT_DIR"
@@ -19,7 +19,7 @@ ATTEMPT = "PADDLERUN_ATTEMPT"
 RESTARTS = "PADDLERUN_RESTARTS"
 TTY = "PADDLERUN_TTY"
 HEARTBEAT_INTERVAL = "PADDLERUN_HEARTBEAT_INTERVAL_S"
-#: ``PID:START_TICKS`` of the supervisor: workers stop when it is gone (trainer/heartbeat.py).
+#: ``PID:START_TICKS`` of the supervisor: workers stop when it is gone (trainer/rundir/heartbeat.py).
 SUPERVISOR = "PADDLERUN_SUPERVISOR"
 #: An elastic job's generation, which this worker belongs to: its commits are refused once
 #: a newer one has started (docs/checkpoints.md#generation-fence). Absent: a fixed-size job.

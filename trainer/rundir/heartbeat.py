@@ -55,9 +55,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Union
 
-from paddlerun.trainer.process_identity import ProcessIdentity
+from paddlerun.trainer.rundir.process_identity import ProcessIdentity
 
-from paddlerun.trainer.atomic_file import write_atomic
+from paddlerun.trainer.rundir.atomic_file import write_atomic
 
 __all__ = [
     "PHASES",
@@ -108,7 +108,7 @@ class Heartbeat:
     rank: int
     pid: int
     #: When ``pid`` started, in clock ticks since boot: with it, a reused pid is told
-    #: apart (trainer/process_identity.py says why not a wall-clock create time).
+    #: apart (trainer/rundir/process_identity.py says why not a wall-clock create time).
     start_ticks: int
     step: int
     #: When the file was written (the writer thread: the process is alive and not stopped).
