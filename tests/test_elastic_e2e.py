@@ -190,7 +190,7 @@ def test_a_node_cut_off_the_network_is_seen_lost_within_ttl_plus_one_second(tmp_
     procs = []
     try:
         server = EtcdServer(tmp_path / "etcd", hosts=[ns.outer_ip]).start()
-        sets = elastic(server, tmp_path / "ckpt")
+        sets = [*elastic(server, tmp_path / "ckpt"), "train.max_steps=100"]
         n0 = start(n0_dir, *sets, env=ENV)
         procs.append(n0)
         etcd = Etcd(endpoints(server))
