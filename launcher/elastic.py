@@ -133,9 +133,15 @@ class ElasticNode:
                     self._propose(view, ready)
             if now >= deadline:
                 present = len(view.members) if view else 0
-                why = f"etcd at {self.etcd.describe()} did not answer" if view is None or \
-                    now - view.at >= 1.0 else f"{present} node(s) present, MIN is {self.low}"
-                raise TooFewNodes(f"no generation could be formed within the start timeout: {why}")
+                if view is None or now - view.at >= 1.0:
+                    why = (f"etcd at {self.etcd.describe()} did not answer; check that it runs "
+                           f"and that launch.rendezvous names it")
+                else:
+                    why = (f"{present} node(s) present, MIN is {self.low}; start the other nodes "
+                           f"with the same launch.rendezvous and launch.job_id, or lower the MIN "
+                           f"of launch.nnodes")
+                raise TooFewNodes(f"no generation could be formed within the start timeout "
+                                  f"(supervisor.start_timeout_s): {why}")
             if now - said >= PROGRESS_EVERY_S:
                 log.info("waiting for nodes: %s", self._describe_wait(view))
                 said = now

@@ -629,6 +629,8 @@ class Supervisor:
                 pass
 
     def _teardown(self, why: str, term_s: float = TEARDOWN_TERM_S) -> None:
+        if self.tree is None:  # no attempt started (an elastic job that found too few nodes)
+            return
         killed = self.tree.close(term_s)
         self.console.forward()
         if why != "finished":  # a launcher that finished has shown everything

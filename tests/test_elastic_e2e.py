@@ -221,3 +221,18 @@ def test_a_node_cut_off_the_network_is_seen_lost_within_ttl_plus_one_second(tmp_
     assert n0.returncode == 0, out0[-4000:]
     assert [len(g["members"]) for g in generations(n0_dir)] == [2, 1]
     assert_no_leftovers(n0_dir), assert_no_leftovers(n1_dir)
+
+
+def test_too_few_nodes_fail_once_naming_the_count_and_the_fix(tmp_path, etcd):
+    """MIN 2, one node ever comes: one failure at the start timeout, not one per restart."""
+    run_dir = tmp_path / "n0"
+    result = run(run_dir, *elastic(etcd, tmp_path / "ckpt", nnodes="2:2"), "supervisor.start_timeout_s=6",
+                 "supervisor.elastic_wait_s=1", timeout=120, env=ENV)
+    assert result.returncode == 1, result.stdout[-4000:]
+    assert "1 node(s) present, MIN is 2" in result.stdout, result.stdout[-4000:]
+    assert "launch.nnodes" in result.stdout, result.stdout[-4000:]
+    failed = [e for e in events(run_dir) if e["event"] == "worker_failed"]
+    assert [e["kind"] for e in failed] == ["too_few_nodes"], failed
+    assert [e["event"] for e in events(run_dir)].count("gave_up") == 1
+    assert summary(run_dir)["root_cause"]["kind"] == "too_few_nodes"
+    assert_no_leftovers(run_dir)
