@@ -30,6 +30,8 @@ class FailureKind(str, Enum):
     JOB_LOST     an earlier start of the scheduler's job ended without its supervisor's last
                  word (node failure, SIGKILL, hard requeue): seen by the next start
     TOO_FEW_NODES  elastic: fewer than MIN nodes (or no etcd) to form a generation in time
+    PEER_MISSING   fixed-size multi-node: a node never joined the launcher's rendezvous
+                   within the start timeout (not retried: a restart would wait for it again)
     """
     ERROR = "error"
     WORKER_DIED = "worker_died"
@@ -38,6 +40,7 @@ class FailureKind(str, Enum):
     LAUNCH_EXIT = "launch_exit"
     JOB_LOST = "job_lost"
     TOO_FEW_NODES = "too_few_nodes"
+    PEER_MISSING = "peer_missing"
 
 
 @dataclass(frozen=True)

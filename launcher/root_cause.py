@@ -84,6 +84,24 @@ def diagnose(detected: FailureKind, run_dir: Path, attempt: int, log_dir: Path, 
                    progressed=progressed, exit_code=returncode)
 
 
+def peer_missing(attempt: int, missing, nnodes: int, node_rank: int, master: str,
+                 waited_s: float) -> Failure:
+    """A fixed-size job's node that never joined the rendezvous (:mod:`missing_nodes`): the
+    nodes it names, and how to start them or to run without them."""
+    several = len(missing.nodes) > 1
+    nodes = f"node{'s' if several else ''} {', '.join(map(str, missing.nodes))}"
+    cause = (f"{nodes} of {nnodes} never joined: node {node_rank} waited for "
+             f"{'them' if several else 'it'} at the master {master} for {waited_s:.0f} s "
+             f"(supervisor.start_timeout_s)")
+    if not missing.master_answered:
+        cause += " (the master did not answer: some of them may have started and wait too)"
+    fix = (f"fix: start {nodes} with the same launch.master={master} and "
+           f"launch.nnodes={nnodes} (a restart here would only wait for it again), or use "
+           f"launch.rendezvous for nodes that may come and go (docs/elastic.md)")
+    return Failure(attempt, time.time(), FailureKind.PEER_MISSING, cause, host=socket.gethostname(),
+                   detail=fix, retriable=False, progressed=False)
+
+
 def died_of_peer(worker_log: Path, code: Optional[int]) -> bool:
     """A worker that aborted because a collective lost its peer: gloo throws through C++
     (``gloo::TimeoutException``, SIGABRT). A consequence, not the root cause."""

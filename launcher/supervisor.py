@@ -27,6 +27,7 @@ from paddlerun.launcher.elastic import LEFT_GENERATION, ElasticNode, TooFewNodes
 from paddlerun.launcher.exit_watch import ExitWatch
 from paddlerun.launcher.launch import LaunchSpec
 from paddlerun.launcher.leftovers import find_leftovers, stop_leftovers
+from paddlerun.launcher.missing_nodes import missing_nodes
 from paddlerun.launcher.process_tree import ProcessTree, become_subreaper
 from paddlerun.launcher.restart_policy import Failure, FailureKind, RestartPolicy
 from paddlerun.launcher.scheduler import NoScheduler, StopNotice
@@ -338,9 +339,20 @@ class Supervisor:
                         dead={rank: code for rank, (_, code) in self._dead.items()})
                     return State.FAILED
             stale = stale_ranks(beats, now, hang_timeout, phase_timeouts={"init": start_timeout})
-            # Single node: every rank must have beaten once within the start timeout.
-            missing = [r for r in range(self.spec.nproc_per_node) if r not in beats] \
-                if self.config.launch.nnodes == 1 and now - self.attempt_started > start_timeout else []
+            # Every local rank must have beaten once within the start timeout (the nodes of
+            # an elastic generation are watched for each other by ElasticNode instead).
+            fixed_nodes = self.multi_node and self.elastic is None
+            late = now - self.attempt_started > start_timeout
+            missing = [r for r in self.spec.local_ranks if r not in beats] \
+                if late and (fixed_nodes or not self.multi_node) else []
+            if missing and fixed_nodes:
+                # Not a hang if the launcher still waits in its rendezvous for another node.
+                peers = self._missing_peers()
+                if peers is not None:
+                    self._pending = root_cause.peer_missing(
+                        self.attempt, peers, self.config.launch.nnodes, self.config.launch.node_rank,
+                        self.config.launch.master, now - self.attempt_started)
+                    return State.FAILED
             if stale or missing:
                 reasons = stale or {r: f"never sent a heartbeat in {start_timeout:g} s" for r in missing}
                 self._emit("hang_detected", ranks={str(k): v for k, v in reasons.items()})
@@ -645,6 +657,12 @@ class Supervisor:
         launch = self.config.launch
         return root_cause.diagnose(kind, self.run_dir, self.attempt, self.spec.log_dir(self.attempt),
                                    beats, first_rank=launch.node_rank * self.spec.nproc_per_node, **facts)
+
+    def _missing_peers(self):
+        """The nodes this node's launcher still waits for in its rendezvous, if it waits."""
+        launch = self.config.launch
+        return missing_nodes(self.spec.log_dir(self.attempt) / "launch.log", launch.nnodes,
+                             launch.node_rank, launch.master)
 
     def _print_report(self, failure: Failure) -> None:
         print(root_cause.report(failure), file=sys.stderr)

@@ -3,6 +3,8 @@ import dataclasses
 
 import pytest
 
+from paddlerun.launcher import root_cause
+from paddlerun.launcher.missing_nodes import MissingNodes
 from paddlerun.launcher.restart_policy import Failure, FailureKind, RestartPolicy
 from paddlerun.trainer.rundir.config import SupervisorConfig
 
@@ -101,3 +103,13 @@ def test_a_busy_checkpoint_directory_is_not_retried():
     assert d.reason.startswith("the checkpoint directory belongs to another job: WriterBusyError")
     other = dataclasses.replace(busy, error_type="RuntimeError", cause="RuntimeError: boom")
     assert decide(other).restart, "only that error"
+
+
+def test_a_node_that_never_joined_is_not_waited_for_again():
+    """Without launch.rendezvous a restart would wait start_timeout_s for the node again, and
+    again until the budget is spent: the root cause is reported once instead."""
+    missing = root_cause.peer_missing(0, MissingNodes([1], True), nnodes=2, node_rank=0,
+                                      master="10.0.0.5:6170", waited_s=180.0)
+    assert missing.kind is FailureKind.PEER_MISSING and missing.kind.value == "peer_missing"
+    d = decide(missing)
+    assert not d.restart and "node 1 of 2 never joined" in d.reason

@@ -1,5 +1,6 @@
 """root_cause.diagnose on real log files: which rank is blamed, and whose log is quoted."""
 from paddlerun.launcher import root_cause
+from paddlerun.launcher.missing_nodes import MissingNodes
 from paddlerun.trainer.rundir.heartbeat import NO_HEARTBEAT
 
 
@@ -41,3 +42,21 @@ def test_a_worker_that_aborted_because_its_peer_died_is_not_the_root_cause(tmp_p
                    workerlog_1="step 7\n")
     failure = diagnose(tmp_path, log_dir, "worker_died", dead={0: -6, 1: -9})
     assert (failure.rank, failure.cause) == (1, "rank 1 killed by SIGKILL")
+
+
+def test_nodes_that_never_joined_are_named_with_the_master_the_timeout_key_and_the_fix():
+    failure = root_cause.peer_missing(3, MissingNodes([1, 3], True), nnodes=4, node_rank=0,
+                                      master="10.0.0.5:6170", waited_s=180.2)
+    text = root_cause.report(failure)
+    assert ("root cause: nodes 1, 3 of 4 never joined: node 0 waited for them at the master "
+            "10.0.0.5:6170 for 180 s (supervisor.start_timeout_s)") in text
+    assert ("fix: start nodes 1, 3 with the same launch.master=10.0.0.5:6170 and launch.nnodes=4"
+            in text and "launch.rendezvous" in text and "docs/elastic.md" in text), text
+    assert (failure.attempt, failure.rank, failure.retriable, failure.progressed) == (3, None, False, False)
+
+
+def test_when_the_master_does_not_answer_the_report_says_which_nodes_are_only_presumed_missing():
+    failure = root_cause.peer_missing(0, MissingNodes([0], False), nnodes=2, node_rank=1,
+                                      master="10.0.0.5:6170", waited_s=15)
+    assert failure.cause.startswith("node 0 of 2 never joined: node 1 waited for it")
+    assert "the master did not answer" in failure.cause

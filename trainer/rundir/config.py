@@ -128,7 +128,8 @@ class SupervisorConfig:
     #: attempt is torn down and restarted. At least twice ``heartbeat_interval_s``.
     hang_timeout_s: float = 60.0
     #: Like hang_timeout_s, for start-up (import paddle, rendezvous, data, restore), which is
-    #: slow on a busy machine and waits for every node. The supervisor never gives start-up
+    #: slow on a busy machine and waits for every node (a node of a fixed-size job that has
+    #: not joined by then ends the job, docs/failures.md). The supervisor never gives start-up
     #: less than hang_timeout_s: a user who raises that one alone means start-up, too.
     start_timeout_s: float = 180.0
     #: After a preemption signal, how long the workers get to snapshot and stop before they
