@@ -38,11 +38,11 @@ def run(run_dir: Path, *sets: str, timeout: float = 300, env=None) -> subprocess
 
 
 def wait(proc: subprocess.Popen, timeout: float = 300) -> str:
-    """Wait for a started supervisor and return its output; on timeout kill its session and fail."""
+    """Wait for a started supervisor and return its output; on timeout kill its run and fail."""
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        kill_session(proc)
+        kill_run(proc)
         out, _ = proc.communicate(timeout=30)
         raise AssertionError(f"paddlerun did not finish in {timeout} s:\n{out[-5000:]}")
     return out
@@ -75,10 +75,16 @@ def wait_all(nodes: List[subprocess.Popen], timeout: float = 300) -> List[str]:
     failed would wait for it in the rendezvous forever)."""
     try:
         return [wait(p, timeout) for p in nodes]
+    except BaseException:
+        # Every node's run, also of one whose supervisor is gone: its launcher may still
+        # wait in the rendezvous for the node that failed.
+        for p in nodes:
+            kill_run(p)
+        raise
     finally:
         for p in nodes:
-            if p.poll() is None:
-                kill_session(p)
+            if p.returncode is None:
+                kill_run(p)
                 p.communicate(timeout=30)
 
 
@@ -89,14 +95,30 @@ def kill_session(proc: subprocess.Popen) -> None:
         pass
 
 
+def run_dir_of(proc: subprocess.Popen) -> Optional[Path]:
+    """The ``--run-dir`` of a ``paddlerun run`` command (None if it names none)."""
+    args = [str(a) for a in proc.args]
+    return Path(args[args.index("--run-dir") + 1]) if "--run-dir" in args[:-1] else None
+
+
+def kill_run(proc: subprocess.Popen) -> None:
+    """SIGKILL a supervisor's session and every process of its run directory: the launcher
+    and the workers each have a session of their own (:func:`kill_node`)."""
+    kill_session(proc)
+    run_dir = run_dir_of(proc)
+    if run_dir is not None:
+        kill_node(run_dir)
+
+
 @contextlib.contextmanager
 def killed_on_error(proc: subprocess.Popen):
     """Any error inside (a failed wait or assertion, a timeout, Ctrl-C) kills the supervisor's
-    whole session and reaps it before the error goes on: a failing test leaves nothing running."""
+    whole run (:func:`kill_run`) and reaps it before the error goes on: a failing test leaves
+    nothing running."""
     try:
         yield proc
     except BaseException:
-        kill_session(proc)
+        kill_run(proc)
         proc.communicate(timeout=30)
         raise
 

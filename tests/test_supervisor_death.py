@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from helpers import (assert_no_leftovers, events, heartbeat, killed_on_error, processes_of, run,
-                     start, summary, wait_for)
+from helpers import (assert_no_leftovers, events, free_port, heartbeat, kill_node, killed_on_error,
+                     processes_of, run, start, summary, wait_for)
 from paddlerun.trainer.rundir.process_identity import ProcessIdentity
 
 pytestmark = pytest.mark.slow
@@ -76,3 +76,31 @@ def test_a_rerun_stops_what_the_dead_supervisor_left_then_resumes_bit_exact(tmp_
     assert not any(i.alive() for i in job)
     assert summary(tmp_path)["digest"] == reference
     assert_no_leftovers(tmp_path)
+
+
+def test_a_launcher_waiting_for_its_peer_node_dies_with_the_supervisor(tmp_path):
+    """Node 0 of a two-node job, started alone: its launcher waits in Paddle's rendezvous and
+    has no worker yet to notice that the supervisor is gone. The kernel stops it instead
+    (the launch process's parent-death signal)."""
+    run_dir = tmp_path / "node0"
+    proc = start(run_dir, "train.max_steps=6", "launch.nnodes=2", "launch.node_rank=0",
+                 f"launch.master=127.0.0.1:{free_port()}", "launch.nproc_per_node=1")
+    try:
+        launch_log = run_dir / "logs" / "attempt-0" / "launch.log"
+        wait_for(lambda: launch_log.is_file() and "Waiting peer start" in launch_log.read_text(),
+                 120, "node 0's launcher to wait for its peer")
+        launcher = [ProcessIdentity.of(p.pid) for p in processes_of(run_dir) if p.pid != proc.pid]
+        launcher = [i for i in launcher if i is not None]
+        assert launcher, "the launch process"
+        proc.send_signal(signal.SIGKILL)  # the supervisor alone, not its session
+        proc.communicate(timeout=30)
+        killed_at = time.monotonic()
+        wait_for(lambda: not any(i.alive() for i in launcher), 5, "the launcher to exit with its supervisor")
+        print(f"\nthe waiting launcher was gone {time.monotonic() - killed_at:.2f} s after the "
+              f"supervisor's SIGKILL")
+        assert_no_leftovers(run_dir, timeout=5)
+    finally:
+        kill_node(run_dir)
+        if proc.returncode is None:
+            proc.kill()
+            proc.communicate(timeout=30)
