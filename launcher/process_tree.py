@@ -33,12 +33,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from typing import Dict, IO, Iterable, List, Optional, Set, Tuple, Union
 
 import psutil
 
+from paddlerun.launcher import parent_death
 from paddlerun.trainer.rundir.process_identity import ProcessIdentity, TICKS_PER_S, process_table, ticks_now
 
 __all__ = [
@@ -164,13 +166,18 @@ class ProcessTree:
         cwd: Optional[str] = None,
         stdout: Union[None, int, IO] = None,
         stderr: Union[None, int, IO] = None,
+        parent_death_signal: Optional[int] = None,
     ) -> None:
+        """``parent_death_signal``: the kernel sends it to the launch process when the thread
+        that started it exits (launcher/parent_death.py); then :meth:`start` must be called
+        from the main thread."""
         if not argv:
             raise ValueError("ProcessTree needs a non-empty argv (the launch command)")
         self.argv = [str(a) for a in argv]
         self.cwd = cwd
         self._stdout = stdout
         self._stderr = stderr
+        self.parent_death_signal = parent_death_signal
         #: The environment variable that marks this tree's processes.
         self.marker = f"PADDLERUN_TREE_{uuid.uuid4().hex[:16].upper()}"
         self.env = dict(env)
@@ -194,9 +201,20 @@ class ProcessTree:
         """Start the launch process in a new session (its own process group)."""
         if self._popen is not None:
             raise RuntimeError(f"ProcessTree already started (launch pid {self.pid})")
+        argv = self.argv
+        if self.parent_death_signal is not None:
+            # The signal comes when the forking *thread* exits: from any thread but the
+            # main one, the launch process would die with that thread.
+            if threading.current_thread() is not threading.main_thread():
+                raise RuntimeError("a ProcessTree with a parent_death_signal must be started "
+                                   "from the main thread")
+            # setpriv execs the launch command in place: self.pid, self.identity and the
+            # environment are the launch process's own.
+            argv = parent_death.command(self.argv, self.parent_death_signal,
+                                        path=self.env.get("PATH"), cwd=self.cwd)
         self.start_ticks = ticks_now()
         self._popen = subprocess.Popen(
-            self.argv,
+            argv,
             env=self.env,
             cwd=self.cwd,
             stdout=self._stdout,

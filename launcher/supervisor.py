@@ -262,7 +262,15 @@ class Supervisor:
                             tty=self.stream.isatty() if hasattr(self.stream, "isatty") else False,
                             supervisor=ProcessIdentity.me(),
                             generation=self.elastic.generation.number if self.elastic else None)
-        self.tree = ProcessTree(argv, env=env, stdout=launch_log, stderr=launch_log)
+        # If this process is SIGKILLed, the kernel kills the launch process: a launcher with
+        # no worker yet (waiting in the rendezvous for another node) would wait forever.
+        # SIGKILL, not SIGTERM: Paddle's launcher would pass a SIGTERM on to the workers, as
+        # a preemption nobody supervises, and a launcher held with SIGSTOP (launch_held)
+        # would keep a SIGTERM pending forever. Its workers stop at their next heartbeat,
+        # as they do when the launcher alone is killed. (This loop runs in the main thread,
+        # as ProcessTree requires: the signal comes when the forking thread exits.)
+        self.tree = ProcessTree(argv, env=env, stdout=launch_log, stderr=launch_log,
+                                parent_death_signal=signal.SIGKILL)
         self._dead.clear()
         try:
             self.tree.start()

@@ -14,12 +14,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import psutil
 import pytest
 
 from paddlerun.trainer.rundir.process_identity import ProcessIdentity
+from paddlerun.launcher import parent_death
 from paddlerun.launcher.process_tree import (
     ProcessTree,
     become_subreaper,
@@ -160,10 +162,10 @@ def fake_launch(tmp_path):
     script.write_text(FAKE_LAUNCH)
     trees = []
 
-    def make(worker_mode: str = "sleep", exit_code: int = 0):
+    def make(worker_mode: str = "sleep", exit_code: int = 0, **tree_kwargs):
         pidfile = str(tmp_path / f"pids-{len(trees)}.json")
         tree = ProcessTree([sys.executable, str(script), pidfile, worker_mode, str(exit_code)],
-                           env=dict(os.environ), cwd=str(tmp_path))
+                           env=dict(os.environ), cwd=str(tmp_path), **tree_kwargs)
         trees.append(tree)
         return tree, pidfile
 
@@ -468,3 +470,36 @@ def test_close_signals_members_never_their_process_group(fake_launch):
     finally:
         os.killpg(session.pid, signal.SIGKILL)
         session.wait(timeout=10)
+
+
+@pytest.mark.skipif(parent_death.setpriv() is None, reason="no setpriv with --pdeathsig")
+def test_a_launch_behind_setpriv_is_tracked_as_the_launch_process_itself(fake_launch):
+    """setpriv execs the launch command in place: the tree's pid and identity are the launch
+    process's own (as it reports them itself), and so is its command line."""
+    tree, pidfile = fake_launch(parent_death_signal=signal.SIGKILL)
+    tree.start()
+    info = read_pids(pidfile)
+    assert info["launch"] == [tree.pid, tree.identity.start_ticks]
+    assert psutil.Process(tree.pid).cmdline() == tree.argv
+    members = wait_for(lambda: len(tree.members()) == 3 and tree.members(), 5.0, "3 members")
+    assert members[0] == tree.identity
+    report = tree.close(term_timeout_s=3.0)
+    assert {r["pid"] for r in report} == {tree.pid, *(w[0] for w in info["workers"])}
+    assert_all_dead([info["launch"], *info["workers"]])
+
+
+def test_a_tree_with_a_parent_death_signal_is_started_from_the_main_thread_only(fake_launch):
+    """The kernel sends the signal when the thread that forked the child exits."""
+    tree, _ = fake_launch(parent_death_signal=signal.SIGKILL)
+    errors = []
+
+    def start():
+        try:
+            tree.start()
+        except RuntimeError as e:
+            errors.append(str(e))
+    thread = threading.Thread(target=start)
+    thread.start()
+    thread.join(timeout=10)
+    assert errors and "main thread" in errors[0]
+    assert tree.pid == 0
