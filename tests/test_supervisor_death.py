@@ -51,29 +51,35 @@ def test_the_job_stops_within_seconds_and_a_rerun_resumes_bit_exact(tmp_path, re
 
 
 def test_a_rerun_stops_what_the_dead_supervisor_left_then_resumes_bit_exact(tmp_path, reference):
-    """Leftovers that cannot stop by themselves (SIGSTOPped, like a frozen job) are found by
-    the rerun through their environment and stopped before it starts its own workers."""
+    """Leftovers that cannot stop by themselves (SIGSTOPped workers, like a frozen job) are
+    found by the rerun through their environment and stopped before it starts its own
+    workers. (The launcher, stopped too, is killed by the kernel with the supervisor.)"""
     proc = start(tmp_path, f"train.max_steps={TOTAL}")
     with killed_on_error(proc):
         wait_for(lambda: (hb := heartbeat(tmp_path, 0)) and hb["phase"] == "train" and hb["step"] >= 30,
                  180, "rank 0 to train past step 30")
-        job = [ProcessIdentity.of(p.pid) for p in processes_of(tmp_path) if p.pid != proc.pid]
-        for identity in job:
+        launcher = [ProcessIdentity.of(p.pid) for p in processes_of(tmp_path)
+                    if p.pid != proc.pid and "paddle.distributed.launch" in p.cmdline()]
+        workers = [ProcessIdentity.of(p.pid) for p in processes_of(tmp_path)
+                   if p.pid != proc.pid and "paddle.distributed.launch" not in p.cmdline()]
+        assert len(launcher) == 1 and len(workers) == 2
+        for identity in launcher + workers:
             identity.send_signal(signal.SIGSTOP)
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=30)
     try:
+        wait_for(lambda: not launcher[0].alive(), 5, "the stopped launcher to die with its supervisor")
         time.sleep(2)
-        assert all(i.alive() for i in job), "stopped: they cannot notice anything"
+        assert all(i.alive() for i in workers), "stopped: they cannot notice anything"
         second = run(tmp_path, f"train.max_steps={TOTAL}")
     finally:
-        for identity in job:
+        for identity in launcher + workers:
             identity.send_signal(signal.SIGKILL)
     assert second.returncode == 0, second.stdout[-5000:]
     assert "still run (pids" in second.stdout and "stopping them first" in second.stdout
     stopped = [e for e in events(tmp_path) if e["event"] == "leftovers_stopped"]
-    assert len(stopped) == 1 and sorted(stopped[0]["pids"]) == sorted(i.pid for i in job)
-    assert not any(i.alive() for i in job)
+    assert len(stopped) == 1 and sorted(stopped[0]["pids"]) == sorted(i.pid for i in workers)
+    assert not any(i.alive() for i in workers)
     assert summary(tmp_path)["digest"] == reference
     assert_no_leftovers(tmp_path)
 
