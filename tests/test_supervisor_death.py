@@ -41,8 +41,10 @@ def test_the_job_stops_within_seconds_and_a_rerun_resumes_bit_exact(tmp_path, re
     wait_for(lambda: not any(i.alive() for i in job), 30, "the launcher and workers to exit")
     print(f"\nthe launcher and both workers were gone {time.monotonic() - killed_at:.1f} s "
           f"after the supervisor's SIGKILL")
-    log = (tmp_path / "logs" / "attempt-0" / "workerlog.0").read_text(errors="replace")
-    assert f"its supervisor, pid {supervisor_pid}, is gone" in log
+    # The first rank to notice exits; its peer may then fail through the gradient sum first.
+    logs = [(tmp_path / "logs" / "attempt-0" / f"workerlog.{rank}").read_text(errors="replace")
+            for rank in (0, 1)]
+    assert any(f"its supervisor, pid {supervisor_pid}, is gone" in log for log in logs), logs[0][-3000:]
     second = run(tmp_path, f"train.max_steps={TOTAL}")
     assert second.returncode == 0, second.stdout[-5000:]
     assert "resumed from" in second.stdout
