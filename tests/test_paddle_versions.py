@@ -48,7 +48,7 @@ def test_sharding_with_a_fleet_that_needs_protobuf_below_7_is_refused_up_front(t
     fake = _fake_paddle(tmp_path / "site", "3.1.1")
     strategy = fake / "paddle" / "distributed" / "fleet" / "base" / "distributed_strategy.py"
     strategy.parent.mkdir(parents=True)
-    strategy.write_text("if f.label == 3:\n    pass\n")  # what Paddle 3.0-3.2 do
+    strategy.write_text("if f.label == 3:\n    pass\n")  # what Paddle 3.0.0-3.3.0 do
     env = {**os.environ, "PYTHONPATH": str(fake)}
     result = subprocess.run([sys.executable, "-m", "paddlerun.launcher.cli", "run", "mnist_lenet",
                              "--run-dir", str(tmp_path / "run"), "--set", "train.sharded_optimizer=true"],
@@ -59,6 +59,17 @@ def test_sharding_with_a_fleet_that_needs_protobuf_below_7_is_refused_up_front(t
         assert result.stderr.strip().count("\n") == 0 and "pip install 'protobuf<7'" in result.stderr
     else:  # with protobuf < 7 that fleet works: no refusal (the fake paddle then fails to import)
         assert "protobuf" not in result.stderr
+
+
+def test_the_protobuf_refusal_names_a_newer_paddle_than_the_installed_one():
+    # Paddle 3.3.0's fleet still reads FieldDescriptor.label (.ci/paddle-core-check 3.3.0 found
+    # it); the line told its user "or Paddle >= 3.3", the version they had.
+    build = paddle_build.PaddleBuild(version="3.3.0", location="/site/paddle", protobuf="7.36.2",
+                                     fleet_reads_protobuf_label=True)
+    problem = build.sharding_problem()
+    assert problem.startswith("Paddle 3.3.0's fleet cannot read") and "pip install 'protobuf<7'" in problem
+    suggested = problem.rsplit("Paddle >= ", 1)[1]
+    assert paddle_build.version_tuple(suggested) > paddle_build.version_tuple(build.version), problem
 
 
 def test_the_build_is_read_from_the_installed_files():

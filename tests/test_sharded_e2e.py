@@ -77,7 +77,11 @@ def test_stop_and_rerun_gives_identical_parameters(tmp_path, reference):
     assert second.returncode == 0, second.stdout[-5000:]
     assert resumed_step(second.stdout) == 17
     assert summary(tmp_path)["digest"] == summary(reference)["digest"]
-    digests = worker_digests(tmp_path, attempt=1)
+    # The rerun's last attempt ends the run: a restart at start-up is no failure of this check
+    # (Paddle 3.2.1 once lost fleet.init's gloo rendezvous, "Connection refused"; the supervisor
+    # restarted it and the result was still exact).
+    rerun = summary(tmp_path)
+    digests = worker_digests(tmp_path, attempt=rerun["first_attempt"] + rerun["attempts"] - 1)
     assert set(digests.values()) == {summary(reference)["digest"]} and len(digests) == 2
 
 

@@ -54,7 +54,7 @@ class PaddleBuild:
     nccl: Optional[str] = None
     #: The installed protobuf's version (None if absent).
     protobuf: Optional[str] = None
-    #: Fleet's DistributedStrategy reads ``FieldDescriptor.label`` (Paddle 3.0-3.2), which
+    #: Fleet's DistributedStrategy reads ``FieldDescriptor.label`` (Paddle 3.0.0-3.3.0), which
     #: protobuf 7 removed: with protobuf >= 7 every fleet strategy getter fails there.
     fleet_reads_protobuf_label: bool = False
 
@@ -78,7 +78,7 @@ class PaddleBuild:
         if self.fleet_reads_protobuf_label and self.protobuf and version_tuple(self.protobuf) >= (7,):
             return (f"Paddle {self.version}'s fleet cannot read its DistributedStrategy with protobuf "
                     f"{self.protobuf} (it uses FieldDescriptor.label, which protobuf 7 removed): "
-                    f"pip install 'protobuf<7', or Paddle >= 3.3")
+                    f"pip install 'protobuf<7', or Paddle >= 3.3.1")
         return None
 
     def check(self) -> None:
