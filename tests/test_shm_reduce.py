@@ -286,9 +286,9 @@ def test_a_closed_sum_is_refused():
         host_sum.all_reduce(np.ones(4, dtype=np.float32))
 
 
-# 10,000 sums in all, nearly all tiny, 0.2 % over a CHUNK (several rounds each). Each
-# round needs every rank on a CPU: on a loaded machine the time goes to waiting for one.
-STRESS_CALLS = {2: 5_000, 3: 5_000}
+# 10,000 sums per world size, nearly all tiny, 0.2 % over a CHUNK (several rounds each).
+# Each round needs every rank on a CPU: on a loaded machine the time goes to waiting for one.
+STRESS_CALLS = {2: 10_000, 3: 10_000}
 
 
 @pytest.mark.parametrize("world", sorted(STRESS_CALLS))
