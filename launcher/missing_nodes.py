@@ -25,10 +25,17 @@ MASTER_TIMEOUT_S = 2.0
 
 def waiting_for_peers(launch_log: Path) -> bool:
     """Whether the attempt's launcher is still in its rendezvous (it has started no worker)."""
+    return _still_waiting(_read(launch_log))
+
+
+def _read(launch_log: Path) -> str:
     try:
-        text = launch_log.read_text(errors="replace")
+        return launch_log.read_text(errors="replace")
     except FileNotFoundError:
-        return False
+        return ""
+
+
+def _still_waiting(text: str) -> bool:
     waiting = text.rfind(WAITING)
     return waiting >= 0 and POD_STARTED not in text[waiting:]
 
@@ -55,9 +62,10 @@ class MissingNodes:
 
 def missing_nodes(launch_log: Path, nnodes: int, node_rank: int, master: str) -> Optional[MissingNodes]:
     """The node ranks this node's launcher waits for; None if it is not waiting for any."""
-    if not waiting_for_peers(launch_log):
+    text = _read(launch_log)
+    if not _still_waiting(text):
         return None
-    found = _JOB_ID.search(launch_log.read_text(errors="replace"))
+    found = _JOB_ID.search(text)
     joined = joined_nodes(master, found.group(1) if found else "default")
     present = (joined or set()) | {node_rank}  # this node is here, registered yet or not
     nodes = [rank for rank in range(nnodes) if rank not in present]
