@@ -349,11 +349,10 @@ class Supervisor:
             stale = stale_ranks(beats, now, hang_timeout, phase_timeouts={"init": start_timeout})
             # Every local rank must have beaten once within the start timeout (the nodes of
             # an elastic generation are watched for each other by ElasticNode instead).
-            fixed_nodes = self.multi_node and self.elastic is None
             late = now - self.attempt_started > start_timeout
             missing = [r for r in self.spec.local_ranks if r not in beats] \
-                if late and (fixed_nodes or not self.multi_node) else []
-            if missing and fixed_nodes:
+                if late and (self.elastic is None or not self.multi_node) else []
+            if missing and self.multi_node:  # a fixed-size job's nodes
                 # Not a hang if the launcher still waits in its rendezvous for another node.
                 peers = self._missing_peers()
                 if peers is not None:
