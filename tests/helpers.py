@@ -80,12 +80,8 @@ def wait_all(nodes: List[subprocess.Popen], timeout: float = 300) -> List[str]:
         # wait in the rendezvous for the node that failed.
         for p in nodes:
             kill_run(p)
+            p.communicate(timeout=30)
         raise
-    finally:
-        for p in nodes:
-            if p.returncode is None:
-                kill_run(p)
-                p.communicate(timeout=30)
 
 
 def kill_session(proc: subprocess.Popen) -> None:

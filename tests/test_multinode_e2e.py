@@ -1,5 +1,4 @@
 """Two "nodes" on one machine: two supervisors, each with its own launcher (--nnodes 2)."""
-import contextlib
 import os
 import signal
 
@@ -108,18 +107,6 @@ def test_waiting_for_a_late_node_keeps_the_http_polling_off_the_console(tmp_path
         assert_no_leftovers(tmp_path / f"node{rank}")
 
 
-@contextlib.contextmanager
-def nodes_killed_whole_on_error(*run_dirs):
-    """Any error inside kills every process of these nodes: a launcher has a session of its
-    own, so killing only the supervisor's session would leave it waiting in its rendezvous."""
-    try:
-        yield
-    except BaseException:
-        for run_dir in run_dirs:
-            kill_node(run_dir)
-        raise
-
-
 def peer_missing_failures(run_dir):
     return [e for e in events(run_dir) if e["event"] == "worker_failed" and e["kind"] == "peer_missing"]
 
@@ -129,7 +116,7 @@ def test_a_node_lost_whole_ends_the_job_once_naming_it(tmp_path):
     its launcher then waits for node 1 in Paddle's rendezvous, which has no timeout of its
     own. After supervisor.start_timeout_s node 0 gives up, once, naming node 1."""
     nodes = start_nodes(tmp_path, "train.max_steps=2000", "supervisor.start_timeout_s=15")
-    with nodes_killed_whole_on_error(tmp_path / "node0", tmp_path / "node1"):
+    with killed_on_error(nodes[0]), killed_on_error(nodes[1]):
         wait_for(lambda: (heartbeat(tmp_path / "node1", 1) or {}).get("step", 0) >= 20, 120,
                  "rank 1 to pass step 20")
         kill_node(tmp_path / "node1")
@@ -154,7 +141,7 @@ def test_a_node_that_never_starts_is_named_after_the_start_timeout(tmp_path):
     node1 = start(tmp_path / "node1", "train.max_steps=6", "supervisor.start_timeout_s=15",
                   "launch.nnodes=2", "launch.node_rank=1", f"launch.master=127.0.0.1:{port}",
                   "launch.nproc_per_node=1", f"checkpoint.dir={tmp_path / 'shared-ckpt'}")
-    with nodes_killed_whole_on_error(tmp_path / "node1"):
+    with killed_on_error(node1):
         out = wait(node1, 120)
     assert node1.returncode == 1, out[-4000:]
     assert f"root cause: node 0 of 2 never joined: node 1 waited for it at the master 127.0.0.1:{port}" \
